@@ -35,5 +35,5 @@ setup(
         "pillow>=10",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["xai-audit=beam_pipeline.cli:main"]},
+    entry_points={"console_scripts": ["xai-audit=beam_pipeline.cli:entry_point"]},
 )

@@ -1,0 +1,162 @@
+"""The ``xai-audit`` command line (DESIGN.md, "Command line").
+
+Options of our own are parsed here; everything else is handed to Beam as pipeline options, after
+checking that Beam knows it (a typo is a usage error, exit 2, not a silently dropped flag).
+Run-stopping problems print one paragraph and exit 1; no traceback.
+"""
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from typing import List, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
+
+from . import __version__  # noqa: E402
+from .errors import AuditError  # noqa: E402
+
+EPILOG = (
+    "Beam pipeline options pass through, e.g. --runner DataflowRunner --project P --region R "
+    "--temp_location gs://B/tmp, or --direct_num_workers 2 --direct_running_mode "
+    "multi_processing. Without --runner the job runs locally on Beam's FnApiRunner."
+)
+
+
+def _comma_list(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _add_beam_help(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    from .decode import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_MODES
+
+    run.add_argument("--model", required=True, help=".keras, .h5, or a SavedModel directory")
+    run.add_argument("--data", required=True,
+                     help="a folder of class subfolders, a manifest .csv/.parquet, or a TFRecord glob")
+    run.add_argument("--output", required=True, help="folder for every output (local or gs://)")
+    run.add_argument("--image-column", default="image", help="manifest/tf.Example image key [image]")
+    run.add_argument("--label-column", default="label", help="label key [label]")
+    run.add_argument("--mask-column", default="mask", help="ground-truth mask key [mask]")
+    run.add_argument("--id-column", default="id", help="example id key [id]")
+    run.add_argument("--slice-columns", type=_comma_list, default=None,
+                     help="columns carried to every output [all other manifest columns]")
+    run.add_argument("--class-names", type=_comma_list, default=None,
+                     help="names for class indices [folder names / manifest label strings]")
+    run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
+                     help="pixel scaling the model expects [unit: /255]")
+    run.add_argument("--methods", type=_comma_list, default=["gradcam"],
+                     help="attribution methods [gradcam]")
+    run.add_argument("--layer", default="auto",
+                     help="auto (last 4-D layer, nested models searched) or a layer name [auto]")
+    run.add_argument("--target", default="predicted",
+                     help="class to explain: predicted, label, or a class index [predicted]")
+    run.add_argument("--batch-size", type=int, default=32, help="images per model call [32]")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice [0]")
+    run.add_argument("--max-error-rate", type=float, default=0.01,
+                     help="share of examples that may fail before the run fails (exit 4) [0.01]")
+    run.add_argument("--unsafe-deserialization", action="store_true",
+                     help="load .keras models with Lambda layers (runs code from the file)")
+    run.add_argument("--image-size", default=None,
+                     help="HxW to resize to, for models without a fixed input size")
+    run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                     help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xai-audit",
+        description="Dataset-scale explainability and evaluation audit for Keras image classifiers.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"xai-audit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo}")
+    run = commands.add_parser("run", help="audit a model on a dataset", allow_abbrev=False)
+    _add_run_options(run)
+    _add_beam_help(run)
+    demo = commands.add_parser(
+        "demo", help="make the synthetic demo dataset and model, then audit them", allow_abbrev=False
+    )
+    demo.add_argument("--output", required=True, help="folder for the demo data, model and audit")
+    demo.add_argument("--examples", type=int, default=480, help="examples to generate [480]")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, training and audit [0]")
+    _add_beam_help(demo)
+    return parser
+
+
+def _check_beam_args(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
+    """Every leftover flag must be a Beam pipeline option; anything else is a usage error."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    known = set(PipelineOptions([]).get_all_options())
+    unknown = []
+    for arg in beam_args:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            if name not in known:
+                unknown.append(arg)
+        elif not unknown and arg.startswith("-"):
+            unknown.append(arg)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
+def _configure_logging() -> None:
+    # TensorFlow/absl install a root handler on import, so ours gets its own handler.
+    ours = logging.getLogger("xai_audit")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _request_from_args(args) -> "AuditRequest":
+    from .job import AuditRequest
+
+    return AuditRequest(
+        model=args.model, data=args.data, output=args.output,
+        image_column=args.image_column, label_column=args.label_column,
+        mask_column=args.mask_column, id_column=args.id_column,
+        slice_columns=args.slice_columns, class_names=args.class_names,
+        preprocess=args.preprocess, methods=args.methods, layer=args.layer, target=args.target,
+        batch_size=args.batch_size, seed=args.seed, max_error_rate=args.max_error_rate,
+        unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
+        max_image_pixels=args.max_image_pixels,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    _check_beam_args(parser, beam_args)
+    _configure_logging()
+    try:
+        if args.command == "run":
+            from .job import run_audit
+
+            return run_audit(_request_from_args(args), beam_args)
+        from .demo_job import run_demo
+
+        return run_demo(args.output, args.examples, args.seed, beam_args)
+    except AuditError as exc:
+        message = textwrap.fill(str(exc), width=100)
+        print(f"xai-audit: error: {message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("xai-audit: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,148 @@
+"""Batched attribution methods, pure TensorFlow (no Beam): a batch of images and targets in,
+a batch of maps out, inside one compiled function per model.
+
+``Classifier`` wraps a prepared Keras model (head switched to logits by ``model_io``) and knows
+how to turn logits into probabilities and the score to explain. ``LayerCapture`` hooks one layer,
+wherever it is nested, so its activations can be differentiated without rebuilding the graph
+(rebuilding is what breaks for a ResNet inside a Sequential). ``GradCAM`` is the first method;
+a variant overrides ``channel_weights`` only.
+"""
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+PREDICTED = -1  # target value meaning "explain the predicted class"
+
+
+class Classifier:
+    """A Keras classifier whose output is logits: ``softmax`` over K units or one ``sigmoid``."""
+
+    def __init__(self, model, head: str):
+        self.model = model
+        self.head = head
+
+    def logits(self, images: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.model(images, training=False), tf.float32)
+
+    def probabilities(self, logits: tf.Tensor) -> tf.Tensor:
+        if self.head == "sigmoid":
+            p = tf.sigmoid(logits[:, 0])
+            return tf.stack([1.0 - p, p], axis=1)
+        return tf.nn.softmax(logits, axis=-1)
+
+    def target_scores(self, logits: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        """The pre-softmax logit of each target; for one sigmoid unit z: z for class 1, -z for 0."""
+        if self.head == "sigmoid":
+            sign = tf.where(targets == 1, 1.0, -1.0)
+            return sign * logits[:, 0]
+        return tf.gather(logits, targets, axis=1, batch_dims=1)
+
+    def resolve_targets(self, targets: tf.Tensor, probabilities: tf.Tensor) -> tf.Tensor:
+        predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        return tf.where(targets == PREDICTED, predicted, targets)
+
+
+class LayerCapture:
+    """Records a layer's output on every call and makes the active tape watch it.
+
+    Replacing the instance's ``call`` works for Keras 3 and tf_keras alike and for any nesting
+    depth, because the outer model still calls the same layer object.
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.tape: Optional[tf.GradientTape] = None
+        self.output = None
+        original = layer.call
+
+        def call_and_capture(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if self.tape is not None:
+                self.tape.watch(out)
+            self.output = out
+            return out
+
+        layer.call = call_and_capture
+
+    def forward(self, tape: tf.GradientTape, fn, *args):
+        """Run ``fn(*args)`` with the layer watched on ``tape``; returns (fn's result, activation)."""
+        self.tape = tape
+        try:
+            result = fn(*args)
+        finally:
+            self.tape = None
+        return result, self.output
+
+
+class GradCAM:
+    """Grad-CAM: ReLU(Σ_k α_k A^k) with α_k the spatial mean of ∂y/∂A^k (y: the target logit).
+
+    Maps are at the layer's resolution and not normalized. Subclasses change how channels are
+    weighted by overriding ``channel_weights``.
+    """
+
+    name = "gradcam"
+
+    def __init__(self, classifier: Classifier, layer, layer_name: str, input_shape: Sequence[int]):
+        self.classifier = classifier
+        self.layer_name = layer_name
+        self.capture = LayerCapture(layer)
+        self._compiled = tf.function(
+            self._explain,
+            input_signature=[
+                tf.TensorSpec([None, *input_shape], tf.float32),
+                tf.TensorSpec([None], tf.int32),
+            ],
+        )
+
+    def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        """[B, h, w, K] activations and gradients → [B, K] channel weights."""
+        return tf.reduce_mean(gradients, axis=(1, 2))
+
+    def _explain(self, images: tf.Tensor, targets: tf.Tensor) -> Dict[str, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            logits, activations = self.capture.forward(tape, self.classifier.logits, images)
+            probabilities = self.classifier.probabilities(logits)
+            targets = self.classifier.resolve_targets(targets, probabilities)
+            # Examples are independent in inference mode, so one gradient of the sum gives each
+            # example's own gradient.
+            scores = tf.reduce_sum(self.classifier.target_scores(logits, targets))
+        activations = tf.cast(activations, tf.float32)
+        gradients = tf.cast(tape.gradient(scores, activations), tf.float32)
+        weights = self.channel_weights(activations, gradients)
+        maps = tf.nn.relu(tf.einsum("bhwk,bk->bhw", activations, weights))
+        return {"probabilities": probabilities, "target_class": targets, "maps": maps}
+
+    def __call__(self, images: np.ndarray, targets: np.ndarray) -> Dict[str, np.ndarray]:
+        out = self._compiled(tf.convert_to_tensor(images, tf.float32),
+                             tf.convert_to_tensor(targets, tf.int32))
+        return {key: value.numpy() for key, value in out.items()}
+
+    def tracing_count(self) -> int:
+        return self._compiled.experimental_get_tracing_count()
+
+
+def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
+    """Per example: share of the map's mass inside the mask, and whether the map's maximum is in it.
+
+    The map is upsampled bilinearly to the mask's resolution first. Returns two lists with None
+    where there is no mask or the map is all zero (no attention to place).
+    """
+    energies: List[Optional[float]] = [None] * len(masks)
+    hits: List[Optional[bool]] = [None] * len(masks)
+    with_mask = [i for i, m in enumerate(masks) if m is not None]
+    if not with_mask:
+        return energies, hits
+    height, width = masks[with_mask[0]].shape
+    up = tf.image.resize(maps[with_mask][..., None].astype(np.float32), (height, width),
+                         method="bilinear").numpy()[..., 0]
+    up = np.maximum(up, 0.0)
+    for row, i in enumerate(with_mask):
+        total = float(up[row].sum())
+        if total <= 0.0:
+            continue
+        mask = masks[i].astype(bool)
+        energies[i] = float(up[row][mask].sum() / total)
+        hits[i] = bool(mask.flat[int(np.argmax(up[row]))])
+    return energies, hits

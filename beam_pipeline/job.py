@@ -1,0 +1,295 @@
+"""The audit job as a whole: plan on the launcher, run the Beam pipeline, account and record.
+
+``plan_audit`` validates everything that can be validated before a worker starts (data, model,
+layer, classes, options) and raises ``AuditError`` with advice; ``run_audit`` runs the pipeline,
+reads the outputs back to count them, writes run.json and returns the exit code.
+"""
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from . import decode, model_io, pipeline, runinfo, sources
+from .schemas import attribution_schema
+from .errors import OptionError
+
+LOG = logging.getLogger("xai_audit")
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
+SUPPORTED_METHODS = ("gradcam",)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATE, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
+
+
+@dataclass
+class AuditRequest:
+    """The ``run`` options, as parsed from the command line (DESIGN.md)."""
+
+    model: str
+    data: str
+    output: str
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    id_column: str = "id"
+    slice_columns: Optional[List[str]] = None
+    class_names: Optional[List[str]] = None
+    preprocess: str = "unit"
+    methods: Sequence[str] = ("gradcam",)
+    layer: str = "auto"
+    target: str = "predicted"
+    batch_size: int = 32
+    seed: int = 0
+    max_error_rate: float = 0.01
+    unsafe_deserialization: bool = False
+    image_size: Optional[str] = None
+    max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Plan:
+    config: pipeline.AuditConfig
+    model_info: model_io.ClassifierInfo
+    model_sha256: str
+    timings: Dict[str, float]
+
+
+def _check_options(req: AuditRequest) -> None:
+    unknown = [m for m in req.methods if m not in SUPPORTED_METHODS]
+    if unknown:
+        raise OptionError(
+            f"--methods {','.join(unknown)}: this version computes {', '.join(SUPPORTED_METHODS)} "
+            "only."
+        )
+    if req.layer == "all" or "," in req.layer:
+        raise OptionError(
+            f"--layer {req.layer}: the layer sweep is not available in this version; name one "
+            "layer or use auto."
+        )
+    if req.batch_size < 1:
+        raise OptionError("--batch-size must be at least 1.")
+    if not 0.0 <= req.max_error_rate <= 1.0:
+        raise OptionError("--max-error-rate is a fraction between 0 and 1.")
+    if req.max_image_pixels < 1:
+        raise OptionError("--max-image-pixels must be positive.")
+
+
+def _class_names(req: AuditRequest, spec: sources.SourceSpec, num_classes: int) -> List[str]:
+    if req.class_names:
+        if len(req.class_names) != num_classes:
+            raise OptionError(
+                f"--class-names gives {len(req.class_names)} names but the model has "
+                f"{num_classes} classes."
+            )
+        return list(req.class_names)
+    if spec.label_names == []:
+        raise OptionError(
+            "The TFRecords hold labels as text; give the class names in index order with "
+            "--class-names."
+        )
+    if spec.label_names:
+        if len(spec.label_names) != num_classes:
+            raise OptionError(
+                f"The data has {len(spec.label_names)} classes ({', '.join(spec.label_names)}) but "
+                f"the model has {num_classes} outputs. Pass --class-names in the model's index "
+                "order if some classes are absent from the data."
+            )
+        return list(spec.label_names)
+    return [f"class_{k}" for k in range(num_classes)]
+
+
+def _target(req: AuditRequest, spec: sources.SourceSpec, num_classes: int):
+    if req.target in ("predicted", "label"):
+        if req.target == "label" and not spec.labeled:
+            raise OptionError("--target label needs labels, and the data has none.")
+        return req.target
+    try:
+        index = int(req.target)
+    except ValueError:
+        raise OptionError(
+            f"--target {req.target!r} must be predicted, label, or a class index."
+        ) from None
+    if not 0 <= index < num_classes:
+        raise OptionError(f"--target {index} is outside the model's classes 0..{num_classes - 1}.")
+    return index
+
+
+def _image_spec(req: AuditRequest, info: model_io.ClassifierInfo) -> decode.ImageSpec:
+    size = decode.parse_image_size(req.image_size)
+    if info.height and info.width:
+        if size and size != (info.height, info.width):
+            raise OptionError(
+                f"--image-size {req.image_size} differs from the model's fixed input "
+                f"{info.height}x{info.width}; leave it out."
+            )
+        size = (info.height, info.width)
+    if not size:
+        raise OptionError(
+            "The model accepts any image size; choose the size to audit at with --image-size HxW."
+        )
+    return decode.ImageSpec(size[0], size[1], info.channels, req.preprocess, req.max_image_pixels)
+
+
+def plan_audit(req: AuditRequest) -> Plan:
+    """Validate the request on the launcher; raises AuditError subclasses with advice."""
+    _check_options(req)
+    timings = {}
+    start = time.perf_counter()
+    columns = sources.ColumnNames(req.image_column, req.label_column, req.mask_column, req.id_column)
+    spec = sources.inspect_source(req.data, columns, req.slice_columns)
+    timings["inspect_data_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    model = model_io.load_model(req.model, req.unsafe_deserialization)
+    info = model_io.prepare_classifier(model)
+    layer_name, _ = model_io.find_layer(model, req.layer)
+    sha = model_io.model_sha256(req.model)
+    timings["inspect_model_s"] = time.perf_counter() - start
+    del model
+
+    config = pipeline.AuditConfig(
+        model_path=req.model,
+        output=req.output.rstrip("/"),
+        source=spec,
+        image_spec=_image_spec(req, info),
+        class_names=_class_names(req, spec, info.num_classes),
+        head=info.head,
+        layer=layer_name,
+        target=_target(req, spec, info.num_classes),
+        batch_size=req.batch_size,
+        unsafe_deserialization=req.unsafe_deserialization,
+    )
+    # Fails early (exit 1) when a slice column clashes with an output column.
+    attribution_schema(spec.slice_types, spec.has_masks)
+    return Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+
+
+def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
+    """A pipeline on the runner the Beam flags name; local runs use the FnApiRunner.
+
+    Beam 2.77's DirectRunner first tries to download the Prism runner binary (with no time-out);
+    the FnApiRunner is the engine the DirectRunner falls back to, runs with no download and
+    honours --direct_num_workers and --direct_running_mode.
+    """
+    options = PipelineOptions(list(beam_args))
+    runner_name = options.view_as(StandardOptions).runner
+    if runner_name in LOCAL_RUNNERS:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return beam.Pipeline(runner=FnApiRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def _clear_outputs(output: str) -> None:
+    """Remove the Parquet shards of an earlier run in the same folder, so none mixes in."""
+    for sub in ("attributions", "errors"):
+        stale = runinfo.parquet_files(FileSystems.join(output, sub))
+        if stale:
+            LOG.info("Removing %d output files of an earlier run in %s/%s", len(stale), output, sub)
+            FileSystems.delete(stale)
+
+
+def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
+    """Plan, run, account. Returns the exit code (DESIGN.md)."""
+    started = runinfo.now_iso()
+    plan = plan_audit(req)
+    config = plan.config
+    _clear_outputs(config.output)
+    p = make_pipeline(beam_args)
+    pipeline.build_pipeline(p, config)
+    LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
+             config.output)
+    start = time.perf_counter()
+    result = p.run()
+    result.wait_until_finish()
+    plan.timings["pipeline_s"] = time.perf_counter() - start
+
+    ok_ids = runinfo.read_column(pipeline.output_path(config.output, "attributions"), "example_id")
+    error_types = runinfo.read_column(pipeline.output_path(config.output, "errors"), "error_type")
+    counters = runinfo.beam_counters(result)
+    examples_in = int(counters.get("examples_in", len(ok_ids) + len(error_types)))
+    failed = len(error_types)
+    total = len(ok_ids) + failed
+    error_rate = failed / total if total else 0.0
+    error_gate = {
+        "gate": "max_error_rate",
+        "passed": error_rate <= req.max_error_rate,
+        "value": error_rate,
+        "bound": req.max_error_rate,
+    }
+    exit_code = EXIT_OK if error_gate["passed"] else EXIT_ERROR_RATE
+    by_type: Dict[str, int] = {}
+    for name in error_types:
+        by_type[name] = by_type.get(name, 0) + 1
+
+    options = p.options.get_all_options(drop_default=True)
+    payload = {
+        "tool": "xai-audit",
+        "tool_version": runinfo.tool_version(),
+        "command_line": runinfo.command_line(),
+        "started_at": started,
+        "finished_at": runinfo.now_iso(),
+        "status": "passed" if exit_code == EXIT_OK else "failed",
+        "exit_code": exit_code,
+        "model": {
+            "path": req.model,
+            "sha256": plan.model_sha256,
+            "input_shape": [plan.model_info.height, plan.model_info.width, plan.model_info.channels],
+            "num_classes": plan.model_info.num_classes,
+            "class_names": config.class_names,
+            "head": plan.model_info.head,
+            "logit_source": plan.model_info.head_source,
+            "gradcam_layer": config.layer,
+        },
+        "data": {
+            "uri": req.data,
+            "kind": config.source.kind,
+            "fingerprint": config.source.fingerprint,
+            "labeled": config.source.labeled,
+            "has_masks": config.source.has_masks,
+            "slice_columns": config.source.slice_types,
+            "files": len(config.source.files) or None,
+        },
+        "runner": {
+            "name": options.get("runner") or "FnApiRunner (local)",
+            "options": options,
+        },
+        "seed": req.seed,
+        "options": {k: v for k, v in asdict(req).items() if k not in ("model", "data", "output")},
+        "libraries": runinfo.library_versions(),
+        "counts": {
+            "examples_in": examples_in,
+            "examples_ok": len(ok_ids),
+            "examples_failed": failed,
+            "error_rate": error_rate,
+            "errors_by_type": by_type,
+            "accounting_ok": examples_in == total and len(set(ok_ids)) == len(ok_ids),
+        },
+        "timings_s": plan.timings,
+        "beam_counters": counters,
+        "gates": [error_gate],
+    }
+    runinfo.write_json(pipeline.output_path(config.output, "run.json"), payload)
+    _log_summary(payload, config.output)
+    return exit_code
+
+
+def _log_summary(payload: dict, output: str) -> None:
+    counts = payload["counts"]
+    LOG.info(
+        "Done: %d examples in, %d audited, %d failed (error rate %.2f%%) in %.1f s; outputs in %s",
+        counts["examples_in"], counts["examples_ok"], counts["examples_failed"],
+        100 * counts["error_rate"], payload["timings_s"]["pipeline_s"], output,
+    )
+    if payload["exit_code"] == EXIT_ERROR_RATE:
+        LOG.error(
+            "%d of %d examples failed (%.2f%%), above --max-error-rate %.4g: the run is marked "
+            "failed (exit 4). The reasons are in %s/errors/.",
+            counts["examples_failed"], counts["examples_in"], 100 * counts["error_rate"],
+            payload["options"]["max_error_rate"], output,
+        )
+    if not counts["accounting_ok"]:
+        LOG.warning("Accounting mismatch: examples in != audited + failed. See run.json counts.")

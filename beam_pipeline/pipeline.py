@@ -1,0 +1,255 @@
+"""The thin Beam layer: enumerate → decode → batch → explain → write Parquet.
+
+DoFns hold what is expensive (the model, loaded once per worker in ``setup()`` from its path, so
+it never travels in the pipeline graph) and call the pure functions of ``sources``, ``decode``
+and ``explainers``. Every example leaves as exactly one attribution row or one error row.
+"""
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from . import decode, explainers, model_io, sources
+from .errors import ExampleError
+from .records import DecodedExample, ExampleRef, error_row
+from .schemas import ERROR_SCHEMA, attribution_schema
+
+LOG = logging.getLogger("xai_audit")
+ERRORS = "errors"
+NAMESPACE = "xai_audit"
+
+
+@dataclass
+class AuditConfig:
+    """Everything the workers need; small and picklable (paths, not models)."""
+
+    model_path: str
+    output: str
+    source: sources.SourceSpec
+    image_spec: decode.ImageSpec
+    class_names: List[str]
+    head: str
+    layer: str  # qualified layer name, resolved on the launcher
+    target: Any = "predicted"  # "predicted" | "label" | int
+    batch_size: int = 32
+    unsafe_deserialization: bool = False
+    progress_every_s: float = 10.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labeled(self) -> bool:
+        return self.source.labeled
+
+
+class EnumerateExamples(beam.DoFn):
+    """A source spec (or one TFRecord file) → ExampleRefs; unusable records → error rows."""
+
+    def __init__(self, spec: sources.SourceSpec):
+        self.spec = spec
+        self.examples_in = Metrics.counter(NAMESPACE, "examples_in")
+
+    def process(self, item):
+        refs = (
+            sources.iter_tfrecord_refs(self.spec, item)
+            if self.spec.kind == "tfrecord"
+            else sources.iter_refs(self.spec)
+        )
+        for ref in refs:
+            self.examples_in.inc()
+            if isinstance(ref, dict):
+                yield beam.pvalue.TaggedOutput(ERRORS, ref)
+            else:
+                yield ref
+
+
+class DecodeExamples(beam.DoFn):
+    """ExampleRef → DecodedExample (bytes read through FileSystems), or an error row."""
+
+    def __init__(self, config: AuditConfig):
+        self.config = config
+        self.failed = Metrics.counter(NAMESPACE, "decode_failed")
+        self.msecs = Metrics.distribution(NAMESPACE, "decode_msecs")
+
+    def process(self, ref: ExampleRef):
+        start = time.perf_counter()
+        try:
+            image_bytes, mask_bytes = sources.read_example_bytes(ref)
+            example = decode.decode_example(
+                ref,
+                self.config.image_spec,
+                self.config.class_names,
+                image_bytes,
+                mask_bytes,
+                labeled=self.config.labeled,
+            )
+        except ExampleError as exc:
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, error_row(ref.example_id, ref.source, exc.stage, exc.error_type, exc.message)
+            )
+            return
+        finally:
+            self.msecs.update(int((time.perf_counter() - start) * 1000))
+        yield example
+
+
+class ProgressLog:
+    """Logs examples done and images/s at most every ``every_s`` seconds (per worker)."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            LOG.info("xai-audit: %d examples explained on this worker, %.1f images/s",
+                     self.done, self.done / (now - self.start))
+
+
+class ExplainBatches(beam.DoFn):
+    """A batch of DecodedExamples → attribution rows; the model is loaded once per worker."""
+
+    def __init__(self, config: AuditConfig):
+        self.config = config
+        self.ok = Metrics.counter(NAMESPACE, "examples_ok")
+        self.failed = Metrics.counter(NAMESPACE, "explain_failed")
+        self.batches = Metrics.counter(NAMESPACE, "batches")
+        self.msecs = Metrics.distribution(NAMESPACE, "explain_batch_msecs")
+
+    def setup(self):
+        cfg = self.config
+        model = model_io.load_model(cfg.model_path, cfg.unsafe_deserialization)
+        model_io.prepare_classifier(model)
+        _, layer = model_io.find_layer(model, cfg.layer)
+        spec = cfg.image_spec
+        self.explainer = explainers.GradCAM(
+            explainers.Classifier(model, cfg.head), layer, cfg.layer,
+            (spec.height, spec.width, spec.channels),
+        )
+        self.progress = ProgressLog(cfg.progress_every_s)
+
+    def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
+        target = self.config.target
+        if target == "predicted":
+            return [explainers.PREDICTED] * len(batch)
+        if target == "label":
+            return [ex.label for ex in batch]
+        return [int(target)] * len(batch)
+
+    def process(self, batch: List[DecodedExample]):
+        start = time.perf_counter()
+        targets = self._targets(batch)
+        ready = []
+        for example, target in zip(batch, targets):
+            if target is None:
+                self.failed.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+                    example.example_id, example.source, "explain", "no_label_for_target",
+                    "--target label needs a label, and this example has none."))
+            else:
+                ready.append((example, target))
+        for result in self._explain(ready):
+            if result.get("error_type"):
+                self.failed.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, result)
+            else:
+                self.ok.inc()
+                yield result
+        self.batches.inc()
+        self.msecs.update(int((time.perf_counter() - start) * 1000))
+        self.progress.add(len(batch))
+
+    def _explain(self, items) -> Iterable[dict]:
+        if not items:
+            return []
+        images = np.stack([ex.image for ex, _ in items])
+        targets = np.array([t for _, t in items], np.int32)
+        try:
+            out = self.explainer(images, targets)
+        except Exception as exc:
+            if len(items) == 1:
+                ex = items[0][0]
+                return [error_row(ex.example_id, ex.source, "explain", "explain_failed",
+                                  f"{type(exc).__name__}: {exc}")]
+            # Isolate the example that breaks the batch; the others still get audited.
+            return [row for item in items for row in self._explain([item])]
+        return self._rows([ex for ex, _ in items], out)
+
+    def _rows(self, examples: List[DecodedExample], out: Dict[str, np.ndarray]) -> List[dict]:
+        maps = out["maps"]
+        has_masks = self.config.source.has_masks
+        if has_masks:
+            energies, hits = explainers.mask_agreement(maps, [ex.mask for ex in examples])
+        rows = []
+        for i, ex in enumerate(examples):
+            probs = out["probabilities"][i]
+            if not np.all(np.isfinite(probs)) or not np.all(np.isfinite(maps[i])):
+                rows.append(error_row(ex.example_id, ex.source, "predict", "non_finite_output",
+                                      "The model produced NaN or infinite values for this image."))
+                continue
+            row = {
+                "example_id": ex.example_id,
+                "label": ex.label,
+                "predicted_class": int(np.argmax(probs)),
+                "probabilities": probs.astype(np.float32).tolist(),
+                "target_class": int(out["target_class"][i]),
+                "gradcam": maps[i].astype(np.float32).ravel().tolist(),
+                "gradcam_shape": list(maps[i].shape),
+                "gradcam_layer": self.config.layer,
+            }
+            if has_masks:
+                row["gradcam_mask_energy"] = energies[i]
+                row["gradcam_pointing_hit"] = hits[i]
+            row.update(ex.slices)
+            rows.append(row)
+        return rows
+
+
+def output_path(output: str, *parts: str) -> str:
+    return FileSystems.join(output.rstrip("/"), *parts)
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
+    """Add the audit's transforms to ``pipeline``."""
+    spec = config.source
+    seeds = spec.files if spec.kind == "tfrecord" else [spec.uri]
+    enumerated = (
+        pipeline
+        | "Source" >> beam.Create(seeds)
+        # Spread the TFRecord files over workers before reading them.
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "Enumerate" >> beam.ParDo(EnumerateExamples(spec)).with_outputs(ERRORS, main="refs")
+    )
+    decoded = (
+        enumerated.refs
+        | "SpreadExamples" >> beam.Reshuffle()
+        | "Decode" >> beam.ParDo(DecodeExamples(config)).with_outputs(ERRORS, main="examples")
+    )
+    explained = (
+        decoded.examples
+        | "Batch" >> beam.BatchElements(
+            min_batch_size=config.batch_size, max_batch_size=config.batch_size
+        )
+        | "Explain" >> beam.ParDo(ExplainBatches(config)).with_outputs(ERRORS, main="rows")
+    )
+    schema = attribution_schema(spec.slice_types, spec.has_masks)
+    _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
+        output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"
+    )
+    _ = (
+        (enumerated[ERRORS], decoded[ERRORS], explained[ERRORS])
+        | "AllErrors" >> beam.Flatten()
+        | "WriteErrors" >> beam.io.WriteToParquet(
+            output_path(config.output, "errors", "part"), ERROR_SCHEMA, file_name_suffix=".parquet"
+        )
+    )

@@ -1,0 +1,88 @@
+"""run.json: what was run, on what, with which libraries, how it went (DESIGN.md, run.json).
+
+Also reads the written outputs back to count examples: the counts come from the files a reader
+will see, not from what the job believes it wrote.
+"""
+import datetime
+import io
+import json
+import platform
+import sys
+from importlib import metadata
+from typing import Dict, List, Optional
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from . import __version__
+
+LIBRARIES = (
+    "tensorflow", "keras", "tf-keras", "apache-beam", "tensorflow-model-analysis", "tfx-bsl",
+    "pyarrow", "pandas", "numpy", "pillow", "protobuf",
+)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> Dict[str, Optional[str]]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def parquet_files(folder: str) -> List[str]:
+    pattern = FileSystems.join(folder.rstrip("/"), "*.parquet")
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def read_column(folder: str, column: str) -> List:
+    """One column of every Parquet file in ``folder`` (local or remote)."""
+    values: List = []
+    for path in parquet_files(folder):
+        with FileSystems.open(path) as handle:
+            table = pq.read_table(io.BytesIO(handle.read()), columns=[column])
+        values.extend(table.column(column).to_pylist())
+    return values
+
+
+def beam_counters(result) -> Dict[str, float]:
+    """The job's user counters and distributions (committed where the runner has them)."""
+    figures: Dict[str, float] = {}
+    try:
+        metrics = result.metrics().query()
+    except Exception:  # some runners have no metrics API
+        return figures
+    for counter in metrics.get("counters", []):
+        value = counter.committed if counter.committed is not None else counter.attempted
+        name = counter.key.metric.name
+        figures[name] = figures.get(name, 0) + value
+    for dist in metrics.get("distributions", []):
+        value = dist.committed if dist.committed is not None else dist.attempted
+        name = dist.key.metric.name
+        figures[f"{name}_sum"] = figures.get(f"{name}_sum", 0) + value.sum
+        figures[f"{name}_count"] = figures.get(f"{name}_count", 0) + value.count
+    return figures
+
+
+def write_json(path: str, payload: dict) -> None:
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
+
+
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode())
+
+
+def command_line() -> List[str]:
+    return [sys.argv[0].rsplit("/", 1)[-1], *sys.argv[1:]]
+
+
+def tool_version() -> str:
+    return __version__

@@ -1,0 +1,42 @@
+"""Arrow schemas of the Parquet outputs (DESIGN.md, "Output folder")."""
+from typing import Dict
+
+import pyarrow as pa
+
+from .errors import OptionError
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+_SLICE_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
+
+
+def attribution_schema(slice_types: Dict[str, str], has_masks: bool, method: str = "gradcam"):
+    fields = [
+        ("example_id", pa.string()),
+        ("label", pa.int64()),
+        ("predicted_class", pa.int64()),
+        ("probabilities", pa.list_(pa.float32())),
+        ("target_class", pa.int64()),
+        (method, pa.list_(pa.float32())),
+        (f"{method}_shape", pa.list_(pa.int32())),
+        (f"{method}_layer", pa.string()),
+    ]
+    if has_masks:
+        fields += [(f"{method}_mask_energy", pa.float32()), (f"{method}_pointing_hit", pa.bool_())]
+    taken = {name for name, _ in fields}
+    clash = sorted(taken & set(slice_types))
+    if clash:
+        raise OptionError(
+            f"Slice column(s) {', '.join(clash)} have the name of an output column; rename them "
+            "in the data or leave them out of --slice-columns."
+        )
+    fields += [(name, _SLICE_TYPES[type_name]) for name, type_name in slice_types.items()]
+    return pa.schema(fields)

@@ -1,0 +1,473 @@
+"""Where the examples come from: class-folder trees, CSV/Parquet manifests, TFRecords of tf.Example.
+
+``inspect_source`` runs once on the launcher: it checks the data URI, learns the class names and
+the slice columns' types, and fingerprints the data. It returns a small, picklable ``SourceSpec``.
+The pipeline then enumerates ``ExampleRef``s from that spec on the workers (``iter_refs``,
+``iter_tfrecord_refs``), so the example list never travels inside the pipeline graph.
+
+All file access goes through Beam's ``FileSystems``, so ``gs://`` works unchanged.
+"""
+import hashlib
+import io
+import os
+import posixpath
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from .errors import DataSourceError, ExampleError
+from .records import ExampleRef, error_row
+
+HIDDEN_PREFIXES = (".", "_")
+
+
+@dataclass
+class ColumnNames:
+    image: str = "image"
+    label: str = "label"
+    mask: str = "mask"
+    id: str = "id"
+
+
+@dataclass
+class SourceSpec:
+    """What the launcher learned about the data; travels to the workers (keep it small)."""
+
+    kind: str  # "folders" | "manifest" | "tfrecord"
+    uri: str
+    columns: ColumnNames
+    labeled: bool
+    has_masks: bool
+    label_names: Optional[List[str]]  # class names found in the data (folders, text labels)
+    slice_types: Dict[str, str] = field(default_factory=dict)  # column -> int64|float64|bool|string
+    files: List[str] = field(default_factory=list)  # TFRecord files
+    fingerprint: str = ""
+    examples_expected: Optional[int] = None  # known up front for folders and manifests
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def read_bytes(path: str) -> bytes:
+    """Whole file through Beam FileSystems (local, gs://, ...)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
+
+
+def _is_dir(uri: str) -> bool:
+    if "://" not in uri:
+        return os.path.isdir(uri)
+    return bool(FileSystems.match([uri.rstrip("/") + "/*"], limits=[1])[0].metadata_list)
+
+
+def _exists(uri: str) -> bool:
+    try:
+        return FileSystems.exists(uri)
+    except Exception:
+        return False
+
+
+def _resolve(base_dir: str, path: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    return FileSystems.join(base_dir, path)
+
+
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
+
+
+def source_kind(uri: str) -> str:
+    lower = uri.lower()
+    if lower.endswith(".csv"):
+        return "manifest"
+    if lower.endswith(".parquet"):
+        return "manifest"
+    if any(ch in uri for ch in "*?[") or any(
+        lower.endswith(ext) for ext in (".tfrecord", ".tfrecords", ".tfr", ".tfrecord.gz")
+    ):
+        return "tfrecord"
+    return "folders"
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _list_class_folders(root: str) -> List[Tuple[str, str, int]]:
+    """(class name, file path, size) for every non-hidden file one level below the class folders."""
+    pattern = FileSystems.join(root.rstrip("/"), "*", "*")
+    found = []
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        rel = meta.path[len(root.rstrip("/")) + 1 :].replace(os.sep, "/")
+        parts = rel.split("/")
+        if len(parts) != 2 or any(p.startswith(HIDDEN_PREFIXES) for p in parts):
+            continue
+        found.append((parts[0], meta.path, meta.size_in_bytes))
+    return sorted(found, key=lambda item: item[1])
+
+
+def _inspect_folders(uri: str, columns: ColumnNames) -> SourceSpec:
+    if not _is_dir(uri):
+        raise DataSourceError(
+            f"--data {uri} does not exist. Give a folder of class subfolders, a manifest "
+            ".csv/.parquet, or a TFRecord glob."
+        )
+    files = _list_class_folders(uri)
+    if not files:
+        raise DataSourceError(
+            f"--data {uri} is a folder but holds no images in class subfolders "
+            "(expected DATA/<class>/<image>). The dataset is empty."
+        )
+    digest = hashlib.sha256()
+    for _, path, size in files:
+        digest.update(f"{os.path.relpath(path, uri)}\t{size}\n".encode())
+    return SourceSpec(
+        kind="folders",
+        uri=uri.rstrip("/"),
+        columns=columns,
+        labeled=True,
+        has_masks=False,
+        label_names=sorted({name for name, _, _ in files}),
+        fingerprint="sha256:" + digest.hexdigest(),
+        examples_expected=len(files),
+    )
+
+
+def _iter_folder_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
+    for class_name, path, _ in _list_class_folders(spec.uri):
+        rel = path[len(spec.uri) + 1 :].replace(os.sep, "/")
+        yield ExampleRef(example_id=rel, source=path, image_path=path, raw_label=class_name)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _read_manifest(uri: str) -> pd.DataFrame:
+    try:
+        data = read_bytes(uri)
+    except Exception as exc:
+        raise DataSourceError(f"The manifest {uri} could not be read: {exc}") from None
+    try:
+        if uri.lower().endswith(".parquet"):
+            return pd.read_parquet(io.BytesIO(data))
+        return pd.read_csv(io.BytesIO(data), keep_default_na=True)
+    except Exception as exc:
+        raise DataSourceError(
+            f"The manifest {uri} is not a readable {'Parquet' if uri.endswith('.parquet') else 'CSV'}"
+            f" file ({type(exc).__name__}: {exc})."
+        ) from None
+
+
+def _column_type(series: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(series):
+        return "bool"
+    if pd.api.types.is_integer_dtype(series):
+        return "int64"
+    if pd.api.types.is_float_dtype(series):
+        return "float64"
+    return "string"
+
+
+def _native(value: Any, type_name: str) -> Any:
+    """A manifest cell as a plain Python value of the column's type (None for missing)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    if type_name == "int64":
+        return int(value)
+    if type_name == "float64":
+        return float(value)
+    if type_name == "bool":
+        return bool(value)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text_labels(values: pd.Series) -> Optional[List[str]]:
+    """Sorted distinct label strings when labels are names, None when they are class indices."""
+    present = [v for v in values if not (v is None or (isinstance(v, float) and np.isnan(v)))]
+    texts = [str(v).strip() for v in present if str(v).strip()]
+    if all(t.lstrip("-").isdigit() for t in texts):
+        return None
+    return sorted(set(texts))
+
+
+def _inspect_manifest(
+    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]]
+) -> SourceSpec:
+    if not _exists(uri):
+        raise DataSourceError(f"The manifest {uri} does not exist.")
+    frame = _read_manifest(uri)
+    if columns.image not in frame.columns:
+        raise DataSourceError(
+            f"The manifest {uri} has no image column {columns.image!r} (columns: "
+            f"{', '.join(map(str, frame.columns))}); name it with --image-column."
+        )
+    if len(frame) == 0:
+        raise DataSourceError(f"The manifest {uri} has no rows: the dataset is empty.")
+    ids = frame[columns.id] if columns.id in frame.columns else frame[columns.image]
+    dupes = ids[ids.duplicated()].astype(str).unique()[:5]
+    if len(dupes):
+        raise DataSourceError(
+            f"The manifest {uri} lists the same example id more than once (e.g. "
+            f"{', '.join(dupes)}); every example needs a unique id (add an {columns.id!r} column)."
+        )
+    reserved = {columns.image, columns.label, columns.mask, columns.id}
+    if slice_columns is None:
+        slice_columns = [c for c in frame.columns if c not in reserved]
+    missing = [c for c in slice_columns if c not in frame.columns]
+    if missing:
+        raise DataSourceError(
+            f"--slice-columns names {', '.join(missing)}, which the manifest {uri} lacks."
+        )
+    labeled = columns.label in frame.columns
+    return SourceSpec(
+        kind="manifest",
+        uri=uri,
+        columns=columns,
+        labeled=labeled,
+        has_masks=columns.mask in frame.columns,
+        label_names=_text_labels(frame[columns.label]) if labeled else None,
+        slice_types={c: _column_type(frame[c]) for c in slice_columns},
+        fingerprint="sha256:" + hashlib.sha256(read_bytes(uri)).hexdigest(),
+        examples_expected=len(frame),
+    )
+
+
+def _iter_manifest_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
+    frame = _read_manifest(spec.uri)
+    base = _parent(spec.uri)
+    cols = spec.columns
+    for row in frame.to_dict("records"):
+        image = row[cols.image]
+        image_text = "" if _native(image, "string") is None else str(image)
+        example_id = str(row[cols.id]) if cols.id in row else image_text
+        mask = _native(row.get(cols.mask), "string") if spec.has_masks else None
+        yield ExampleRef(
+            example_id=example_id,
+            source=_resolve(base, image_text) if image_text else "",
+            image_path=_resolve(base, image_text) if image_text else None,
+            mask_path=_resolve(base, mask) if mask else None,
+            raw_label=row.get(cols.label) if spec.labeled else None,
+            slices={c: _native(row.get(c), t) for c, t in spec.slice_types.items()},
+        )
+
+
+# --------------------------------------------------------------------------- TFRecords
+
+
+def _masked_crc32c(data: bytes) -> int:
+    from apache_beam.io.tfrecordio import _TFRecordUtil  # the same CRC Beam's reader checks
+
+    return _TFRecordUtil._masked_crc32c(data)
+
+
+class _BrokenFraming(Exception):
+    """The record's length header is unreadable: nothing after it in the file can be trusted."""
+
+
+def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
+    """Records of a TFRecord file; a record with a bad data CRC yields an ExampleError and the
+    reader moves on; a bad or short length header ends the file with _BrokenFraming."""
+    while True:
+        header = handle.read(12)
+        if not header:
+            return
+        if len(header) != 12:
+            raise _BrokenFraming("the file ends inside a record header (truncated file)")
+        length, length_crc = struct.unpack("<QI", header)
+        if _masked_crc32c(header[:8]) != length_crc:
+            raise _BrokenFraming("a record header fails its CRC (corrupt file)")
+        body = handle.read(length + 4)
+        if len(body) != length + 4:
+            raise _BrokenFraming("the file ends inside a record (truncated file)")
+        data, data_crc = body[:length], struct.unpack("<I", body[length:])[0]
+        if _masked_crc32c(data) != data_crc:
+            yield ExampleError("read", "corrupt_record", "The record's data fails its CRC check.")
+        else:
+            yield data
+
+
+def _feature_value(feature) -> Tuple[str, List[Any]]:
+    kind = feature.WhichOneof("kind")
+    if kind == "bytes_list":
+        return "string", list(feature.bytes_list.value)
+    if kind == "int64_list":
+        return "int64", list(feature.int64_list.value)
+    if kind == "float_list":
+        return "float64", list(feature.float_list.value)
+    return "string", []
+
+
+def _parse_example(data: bytes) -> Dict[str, Tuple[str, List[Any]]]:
+    from tensorflow.core.example import example_pb2
+
+    example = example_pb2.Example.FromString(data)
+    return {key: _feature_value(f) for key, f in example.features.feature.items()}
+
+
+def _tfrecord_file_ids(files: Sequence[str]) -> Dict[str, str]:
+    """Short stable names for files in example ids: base names when unique, else full paths."""
+    names = [posixpath.basename(f.replace(os.sep, "/")) for f in files]
+    if len(set(names)) == len(names):
+        return dict(zip(files, names))
+    return {f: f for f in files}
+
+
+def _inspect_tfrecord(
+    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]]
+) -> SourceSpec:
+    try:
+        metas = FileSystems.match([uri])[0].metadata_list
+    except Exception as exc:
+        raise DataSourceError(f"The TFRecord glob {uri} could not be listed: {exc}") from None
+    files = sorted(m.path for m in metas if m.size_in_bytes > 0)
+    if not metas:
+        raise DataSourceError(f"The TFRecord glob {uri} matches no files.")
+    if not files:
+        raise DataSourceError(f"The TFRecord files matching {uri} are all empty.")
+    first: Optional[Dict[str, Tuple[str, List[Any]]]] = None
+    try:
+        with FileSystems.open(files[0]) as handle:
+            for record in _read_records(handle):
+                if isinstance(record, bytes):
+                    first = _parse_example(record)
+                    break
+    except Exception as exc:
+        raise DataSourceError(
+            f"{files[0]} is not a TFRecord file of tf.Example ({exc})."
+        ) from None
+    if first is None:
+        raise DataSourceError(f"{files[0]} holds no readable tf.Example record.")
+    if columns.image not in first:
+        raise DataSourceError(
+            f"The tf.Example records of {uri} have no image feature {columns.image!r} (features: "
+            f"{', '.join(sorted(first))}); name it with --image-column."
+        )
+    reserved = {columns.image, columns.label, columns.mask, columns.id}
+    if slice_columns is None:
+        slice_columns = [k for k, (_, v) in sorted(first.items()) if k not in reserved and len(v) == 1]
+    missing = [c for c in slice_columns if c not in first]
+    if missing:
+        raise DataSourceError(
+            f"--slice-columns names {', '.join(missing)}, which the first tf.Example of {uri} lacks."
+        )
+    labeled = columns.label in first
+    label_names = None
+    if labeled and first[columns.label][0] == "string":
+        label_names = []  # text labels: names come from --class-names (we do not scan all records)
+    digest = hashlib.sha256()
+    sizes = {m.path: m.size_in_bytes for m in metas}
+    for path in files:
+        digest.update(f"{path}\t{sizes[path]}\n".encode())
+    return SourceSpec(
+        kind="tfrecord",
+        uri=uri,
+        columns=columns,
+        labeled=labeled,
+        has_masks=columns.mask in first,
+        label_names=label_names,
+        slice_types={c: first[c][0] for c in slice_columns},
+        files=files,
+        fingerprint="sha256:" + digest.hexdigest(),
+    )
+
+
+def iter_tfrecord_refs(spec: SourceSpec, path: str) -> Iterator[Union[ExampleRef, dict]]:
+    """ExampleRefs of one TFRecord file, or error rows for records that cannot be used."""
+    file_id = _tfrecord_file_ids(spec.files)[path]
+    cols = spec.columns
+    index = -1
+
+    def scalar(features, key, type_name):
+        values = features.get(key, ("string", []))[1]
+        return _native(values[0], type_name) if values else None
+
+    try:
+        with FileSystems.open(path) as handle:
+            for index, record in enumerate(_read_records(handle)):
+                position = f"{file_id}:{index}"
+                if isinstance(record, ExampleError):
+                    yield error_row(position, f"{path}:{index}", record.stage, record.error_type,
+                                    record.message)
+                    continue
+                try:
+                    features = _parse_example(record)
+                except Exception as exc:
+                    yield error_row(position, f"{path}:{index}", "read", "corrupt_record",
+                                    f"The record is not a tf.Example ({exc}).")
+                    continue
+                image = features.get(cols.image, ("string", []))[1]
+                mask = features.get(cols.mask, ("string", []))[1]
+                label_values = features.get(cols.label, ("string", []))[1]
+                yield ExampleRef(
+                    example_id=str(scalar(features, cols.id, "string") or position),
+                    source=f"{path}:{index}",
+                    image_bytes=image[0] if image else b"",
+                    mask_bytes=mask[0] if mask else None,
+                    raw_label=label_values[0] if label_values else None,
+                    slices={c: scalar(features, c, t) for c, t in spec.slice_types.items()},
+                )
+    except _BrokenFraming as exc:
+        position = f"{file_id}:{index + 1}"
+        yield error_row(position, f"{path}:{index + 1}", "read", "truncated_file",
+                        f"Reading stopped at record {index + 1}: {exc}. Records after it, if any, "
+                        "cannot be located.")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def inspect_source(
+    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]] = None
+) -> SourceSpec:
+    """Validate the data URI on the launcher and describe it (raises DataSourceError)."""
+    kind = source_kind(uri)
+    if kind == "manifest":
+        return _inspect_manifest(uri, columns, slice_columns)
+    if kind == "tfrecord":
+        return _inspect_tfrecord(uri, columns, slice_columns)
+    if slice_columns:
+        raise DataSourceError(
+            "--slice-columns needs a manifest or TFRecords: a class-folder tree has no columns."
+        )
+    return _inspect_folders(uri, columns)
+
+
+def iter_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
+    """ExampleRefs of a folder tree or manifest (TFRecords go file by file: iter_tfrecord_refs)."""
+    if spec.kind == "folders":
+        return _iter_folder_refs(spec)
+    if spec.kind == "manifest":
+        return _iter_manifest_refs(spec)
+    raise ValueError(f"iter_refs does not read {spec.kind}")
+
+
+def read_example_bytes(ref: ExampleRef) -> Tuple[bytes, Optional[bytes]]:
+    """The image and mask bytes of a ref (reading files when needed), or ExampleError."""
+    image = ref.image_bytes
+    if image is None:
+        if not ref.image_path:
+            raise ExampleError("read", "missing_image", "The example names no image file.")
+        image = _read_or_fail(ref.image_path, "image")
+    mask = ref.mask_bytes
+    if mask is None and ref.mask_path:
+        mask = _read_or_fail(ref.mask_path, "mask")
+    return image, mask
+
+
+def _read_or_fail(path: str, what: str) -> bytes:
+    try:
+        return read_bytes(path)
+    except Exception as exc:
+        exists = _exists(path)
+        error_type = f"unreadable_{what}" if exists else f"missing_{what}"
+        detail = "could not be read" if exists else "does not exist"
+        raise ExampleError("read", error_type, f"The {what} file {path} {detail} ({type(exc).__name__}).") from None
+
+
+ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
