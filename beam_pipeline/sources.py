@@ -189,6 +189,8 @@ def _native(value: Any, type_name: str) -> Any:
 
 def _text_labels(values: pd.Series) -> Optional[List[str]]:
     """Sorted distinct label strings when labels are names, None when they are class indices."""
+    if pd.api.types.is_numeric_dtype(values):
+        return None
     present = [v for v in values if not (v is None or (isinstance(v, float) and np.isnan(v)))]
     texts = [str(v).strip() for v in present if str(v).strip()]
     if all(t.lstrip("-").isdigit() for t in texts):
