@@ -4,6 +4,7 @@ DoFns hold what is expensive (the model, loaded once per worker in ``setup()`` f
 it never travels in the pipeline graph) and call the pure functions of ``sources``, ``decode``
 and ``explainers``. Every example leaves as exactly one attribution row or one error row.
 """
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class EnumerateExamples(beam.DoFn):
 
     def process(self, item):
         refs = (
-            sources.iter_tfrecord_refs(self.spec, item)
+            sources.iter_tfrecord_refs(self.spec, *item)
             if self.spec.kind == "tfrecord"
             else sources.iter_refs(self.spec)
         )
@@ -222,7 +223,13 @@ def output_path(output: str, *parts: str) -> str:
 def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
     """Add the audit's transforms to ``pipeline``."""
     spec = config.source
-    seeds = spec.files if spec.kind == "tfrecord" else [spec.uri]
+    if spec.kind == "tfrecord":
+        seeds = sorted(sources.tfrecord_file_ids(spec.files).items())
+        # The file list travels once, in Create; the DoFns get the spec without it.
+        config = dataclasses.replace(config, source=dataclasses.replace(spec, files=[]))
+        spec = config.source
+    else:
+        seeds = [spec.uri]
     enumerated = (
         pipeline
         | "Source" >> beam.Create(seeds)

@@ -312,7 +312,7 @@ def _parse_example(data: bytes) -> Dict[str, Tuple[str, List[Any]]]:
     return {key: _feature_value(f) for key, f in example.features.feature.items()}
 
 
-def _tfrecord_file_ids(files: Sequence[str]) -> Dict[str, str]:
+def tfrecord_file_ids(files: Sequence[str]) -> Dict[str, str]:
     """Short stable names for files in example ids: base names when unique, else full paths."""
     names = [posixpath.basename(f.replace(os.sep, "/")) for f in files]
     if len(set(names)) == len(names):
@@ -379,9 +379,12 @@ def _inspect_tfrecord(
     )
 
 
-def iter_tfrecord_refs(spec: SourceSpec, path: str) -> Iterator[Union[ExampleRef, dict]]:
-    """ExampleRefs of one TFRecord file, or error rows for records that cannot be used."""
-    file_id = _tfrecord_file_ids(spec.files)[path]
+def iter_tfrecord_refs(
+    spec: SourceSpec, path: str, file_id: str
+) -> Iterator[Union[ExampleRef, dict]]:
+    """ExampleRefs of one TFRecord file, or error rows for records that cannot be used.
+
+    ``file_id`` names the file in example ids (``tfrecord_file_ids``)."""
     cols = spec.columns
     index = -1
 
