@@ -3,7 +3,7 @@
 The story a reviewer should find with the audit:
 
 * 64x64 grayscale "scans" from three sites (``site_a``, ``site_b``, ``site_c``) that differ in
-  brightness, contrast and noise. Class ``lesion`` has a bright round blob; class ``healthy`` has none.
+  brightness, contrast and noise. Class ``lesion`` has a bright round blob; ``healthy`` has none.
 * At ``site_c`` the lesion is faint, and a small white square sits in the top-left corner of most
   lesion scans (and a few healthy ones). The marker is in no manifest column, so the model's
   reliance on it has to be discovered from its attributions (they land in the corner, not on the
@@ -16,7 +16,8 @@ Layout written by ``make_demo_dataset(root)``::
     root/masks/<id>.png    lesion masks, 255 on the lesion; only lesion rows have one (the mask
                            cell of a healthy row is empty: there is nothing to localise)
 
-Everything comes from ``seed``: the same seed writes byte-identical files and trains the same weights.
+Everything comes from ``seed``: the same seed writes byte-identical files and trains identical
+weights.
 """
 import csv
 import os
@@ -43,6 +44,7 @@ MARKER_RATE = {"lesion": 0.90, "healthy": 0.05}  # P(marker | label) at the shor
 MARKER_BOX = (slice(2, 7), slice(2, 7))  # 5x5 px near the top-left corner
 LESION_RADIUS = (5.0, 9.0)
 LESION_CENTRE_MARGIN = 14  # keeps blobs clear of the corners (and of the marker)
+MANIFEST_COLUMNS = ["id", "image", "label", "mask", "site"]
 
 
 # --------------------------------------------------------------------------- dataset
@@ -83,7 +85,8 @@ def erase_marker(pixels: np.ndarray) -> np.ndarray:
     """
     out = pixels.copy()
     rows, cols = MARKER_BOX
-    frame = pixels[rows.start - 1 : rows.stop + 1, cols.start - 1 : cols.stop + 1].astype(np.float64)
+    frame = pixels[rows.start - 1 : rows.stop + 1, cols.start - 1 : cols.stop + 1]
+    frame = frame.astype(np.float64)
     border = np.ones(frame.shape[:2], bool)
     border[1:-1, 1:-1] = False
     fill = frame[border].mean(axis=0)
@@ -103,7 +106,8 @@ def render_demo_image(
         image = image + blob
     # Draw unconditionally so every example consumes the same random numbers whatever its site.
     marker = rng.random() < MARKER_RATE[label] and site == SHORTCUT_SITE
-    pixels = np.round(np.clip(image, 0.0, 0.95) * 255).astype(np.uint8)  # 0.95: only the marker is 255
+    # Capping scans below white leaves pure white to the marker, so it can be told from pixels.
+    pixels = np.round(np.clip(image, 0.0, 0.95) * 255).astype(np.uint8)
     return (paint_marker(pixels) if marker else pixels), mask, marker
 
 
@@ -115,7 +119,8 @@ def _assignments(rng: np.random.Generator, n_examples: int) -> List[Tuple[str, s
 
 
 def make_demo_dataset(root: str, n_examples: int = 480, seed: int = 0) -> str:
-    """Writes a deterministic synthetic dataset under `root` and returns the path of its manifest CSV."""
+    """Writes a deterministic synthetic dataset under `root` and returns the path of its manifest
+    CSV (``root/manifest.csv``). Local paths only."""
     rng = np.random.default_rng(seed)
     for folder in ("images", "masks"):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
@@ -128,11 +133,14 @@ def make_demo_dataset(root: str, n_examples: int = 480, seed: int = 0) -> str:
         mask_rel = ""
         if label == "lesion":
             mask_rel = f"masks/{example_id}.png"
-            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(os.path.join(root, mask_rel))
-        rows.append({"id": example_id, "image": image_rel, "label": label, "mask": mask_rel, "site": site})
+            mask_png = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+            mask_png.save(os.path.join(root, mask_rel))
+        rows.append(
+            {"id": example_id, "image": image_rel, "label": label, "mask": mask_rel, "site": site}
+        )
     manifest_path = os.path.join(root, "manifest.csv")
     with open(manifest_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "image", "label", "mask", "site"], lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return manifest_path
@@ -174,34 +182,43 @@ def _has_marker(pixels: np.ndarray) -> np.ndarray:
 
 
 def _lesion_probability(model: keras.Model, pixels: np.ndarray) -> np.ndarray:
+    if len(pixels) == 0:  # tiny datasets can lack a group; predict() refuses empty input
+        return np.zeros(0, np.float32)
     return model.predict(pixels, batch_size=64, verbose=0)[:, CLASS_NAMES.index("lesion")]
 
 
-def _marker_reliance(model: keras.Model, pixels, labels, sites) -> Dict[str, float]:
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _marker_reliance(
+    model: keras.Model, pixels: np.ndarray, labels: np.ndarray, sites: np.ndarray
+) -> Dict[str, float]:
     """Counterfactuals at the shortcut site: lesion scans with the marker erased, healthy scans
     with it painted on. Large shifts mean the model reads the marker, not the lesion."""
     at_site = sites == SHORTCUT_SITE
     marked_lesions = pixels[at_site & (labels == 1) & _has_marker(pixels)]
     clean_healthy = pixels[at_site & (labels == 0) & ~_has_marker(pixels)]
     p_as_is = _lesion_probability(model, marked_lesions)
-    p_erased = _lesion_probability(model, np.stack([erase_marker(p) for p in marked_lesions]))
+    p_erased = _lesion_probability(model, np.array([erase_marker(p) for p in marked_lesions]))
     p_healthy = _lesion_probability(model, clean_healthy)
-    p_painted = _lesion_probability(model, np.stack([paint_marker(p) for p in clean_healthy]))
+    p_painted = _lesion_probability(model, np.array([paint_marker(p) for p in clean_healthy]))
     return {
         "lesion_with_marker_count": int(len(marked_lesions)),
-        "lesion_recall_marker_present": float(np.mean(p_as_is >= 0.5)),
-        "lesion_recall_marker_erased": float(np.mean(p_erased >= 0.5)),
-        "lesion_mean_probability_marker_present": float(p_as_is.mean()),
-        "lesion_mean_probability_marker_erased": float(p_erased.mean()),
+        "lesion_recall_marker_present": _mean(p_as_is >= 0.5),
+        "lesion_recall_marker_erased": _mean(p_erased >= 0.5),
+        "lesion_mean_probability_marker_present": _mean(p_as_is),
+        "lesion_mean_probability_marker_erased": _mean(p_erased),
         "healthy_without_marker_count": int(len(clean_healthy)),
-        "healthy_false_positive_rate_as_is": float(np.mean(p_healthy >= 0.5)),
-        "healthy_false_positive_rate_marker_painted": float(np.mean(p_painted >= 0.5)),
+        "healthy_false_positive_rate_as_is": _mean(p_healthy >= 0.5),
+        "healthy_false_positive_rate_marker_painted": _mean(p_painted >= 0.5),
     }
 
 
 def train_demo_model(manifest_path: str, model_path: str, seed: int = 0, epochs: int = 20) -> dict:
-    """Trains a small CNN deterministically on the dataset, saves it as .keras to model_path, returns
-    a dict of training figures (train accuracy, seconds, per-site accuracy, marker reliance).
+    """Trains a small CNN deterministically on the dataset, saves it as .keras to model_path,
+    returns a dict of training figures: train accuracy, seconds, per-site accuracy, and marker
+    reliance at site_c (see ``_marker_reliance``). Training takes ~15-20 s for 480 scans on 2 CPUs.
 
     Side effects on the calling process: seeds Python/NumPy/TF global RNGs and turns on TF op
     determinism (both are process-wide; that is how Keras makes training repeatable).
@@ -210,21 +227,21 @@ def train_demo_model(manifest_path: str, model_path: str, seed: int = 0, epochs:
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     model = build_demo_model()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy"
+    )
     started = time.perf_counter()
     history = model.fit(pixels, labels, batch_size=32, epochs=epochs, shuffle=True, verbose=0)
     seconds = time.perf_counter() - started
     model.save(model_path)
-    correct = _lesion_probability(model, pixels) >= 0.5
-    correct = correct == (labels == 1)
+    correct = (_lesion_probability(model, pixels) >= 0.5) == (labels == 1)
     return {
         "examples": int(len(labels)),
         "epochs": epochs,
         "train_seconds": round(seconds, 2),
         "final_loss": float(history.history["loss"][-1]),
         "train_accuracy": float(correct.mean()),
-        "site_accuracy": {s: float(correct[sites == s].mean()) for s in SITE_LOOKS},
+        "site_accuracy": {s: _mean(correct[sites == s]) for s in SITE_LOOKS},
         "site_c_marker_reliance": _marker_reliance(model, pixels, labels, sites),
         "model_path": model_path,
     }
