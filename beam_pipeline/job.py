@@ -143,12 +143,10 @@ def plan_audit(req: AuditRequest) -> Plan:
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    model = model_io.load_model(req.model, req.unsafe_deserialization)
-    info = model_io.prepare_classifier(model)
+    model, info = model_io.load_classifier(req.model, req.unsafe_deserialization)
     layer_name, _ = model_io.find_layer(model, req.layer)
     sha = model_io.model_sha256(req.model)
     timings["inspect_model_s"] = time.perf_counter() - start
-    del model
 
     config = pipeline.AuditConfig(
         model_path=req.model,

@@ -10,8 +10,9 @@
 import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -142,6 +143,34 @@ def _load_saved_model(path: str):
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
+
+
+_CLASSIFIERS: Dict[tuple, tuple] = {}
+_CLASSIFIERS_LOCK = threading.Lock()
+
+
+def load_classifier(path: str, unsafe_deserialization: bool = False):
+    """(model, ClassifierInfo), loaded and prepared once per process.
+
+    The launcher's validation load is reused by in-process workers, and the DoFn threads of one
+    worker share one model, as RunInference shares its model handle. Keyed by the file's size and
+    modification time too, so a model re-saved at the same path is loaded afresh.
+    """
+    try:
+        stat = os.stat(path)
+        key = (path, unsafe_deserialization, stat.st_size, stat.st_mtime_ns)
+    except OSError:  # remote, or missing (load_model says which)
+        key = (path, unsafe_deserialization)
+    with _CLASSIFIERS_LOCK:
+        if key not in _CLASSIFIERS:
+            model = load_model(path, unsafe_deserialization)
+            _CLASSIFIERS[key] = (model, prepare_classifier(model))
+        return _CLASSIFIERS[key]
+
+
+def clear_classifiers() -> None:
+    with _CLASSIFIERS_LOCK:
+        _CLASSIFIERS.clear()
 
 
 # --------------------------------------------------------------------------- structure

@@ -6,6 +6,7 @@ and ``explainers``. Every example leaves as exactly one attribution row or one e
 """
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -40,7 +41,6 @@ class AuditConfig:
     batch_size: int = 32
     unsafe_deserialization: bool = False
     progress_every_s: float = 10.0
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def labeled(self) -> bool:
@@ -74,7 +74,7 @@ class DecodeExamples(beam.DoFn):
     def __init__(self, config: AuditConfig):
         self.config = config
         self.failed = Metrics.counter(NAMESPACE, "decode_failed")
-        self.msecs = Metrics.distribution(NAMESPACE, "decode_msecs")
+        self.usecs = Metrics.distribution(NAMESPACE, "decode_usecs")
 
     def process(self, ref: ExampleRef):
         start = time.perf_counter()
@@ -95,7 +95,7 @@ class DecodeExamples(beam.DoFn):
             )
             return
         finally:
-            self.msecs.update(int((time.perf_counter() - start) * 1000))
+            self.usecs.update(int((time.perf_counter() - start) * 1e6))
         yield example
 
 
@@ -117,6 +117,33 @@ class ProgressLog:
                      self.done, self.done / (now - self.start))
 
 
+_EXPLAINERS: Dict[tuple, explainers.GradCAM] = {}
+_EXPLAINERS_LOCK = threading.Lock()
+
+
+def shared_gradcam(cfg: AuditConfig) -> explainers.GradCAM:
+    """One Grad-CAM explainer (model + compiled function) per process and configuration, so
+    every DoFn instance on a worker shares the model and its trace."""
+    spec = cfg.image_spec
+    shape = (spec.height, spec.width, spec.channels)
+    key = (cfg.model_path, cfg.unsafe_deserialization, cfg.layer, shape)
+    with _EXPLAINERS_LOCK:
+        if key not in _EXPLAINERS:
+            model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+            _, layer = model_io.find_layer(model, cfg.layer)
+            _EXPLAINERS[key] = explainers.GradCAM(
+                explainers.Classifier(model, info.head), layer, cfg.layer, shape
+            )
+        return _EXPLAINERS[key]
+
+
+def clear_shared_models() -> None:
+    """Forget the process's loaded models and explainers (benchmarks, tests)."""
+    with _EXPLAINERS_LOCK:
+        _EXPLAINERS.clear()
+    model_io.clear_classifiers()
+
+
 class ExplainBatches(beam.DoFn):
     """A batch of DecodedExamples → attribution rows; the model is loaded once per worker."""
 
@@ -128,16 +155,8 @@ class ExplainBatches(beam.DoFn):
         self.msecs = Metrics.distribution(NAMESPACE, "explain_batch_msecs")
 
     def setup(self):
-        cfg = self.config
-        model = model_io.load_model(cfg.model_path, cfg.unsafe_deserialization)
-        model_io.prepare_classifier(model)
-        _, layer = model_io.find_layer(model, cfg.layer)
-        spec = cfg.image_spec
-        self.explainer = explainers.GradCAM(
-            explainers.Classifier(model, cfg.head), layer, cfg.layer,
-            (spec.height, spec.width, spec.channels),
-        )
-        self.progress = ProgressLog(cfg.progress_every_s)
+        self.explainer = shared_gradcam(self.config)
+        self.progress = ProgressLog(self.config.progress_every_s)
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
         target = self.config.target
