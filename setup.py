@@ -20,8 +20,8 @@ setup(
     description="Dataset-scale explainability and evaluation audit for Keras image classifiers",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["beam_pipeline", "beam_pipeline.*"]),
-    package_data={"beam_pipeline": ["tfma_configs/*.pbtxt"]},
+    packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "tfma_configs"]),
+    package_data={"tfma_configs": ["*.pbtxt"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "tensorflow==2.21.*",

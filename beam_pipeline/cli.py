@@ -62,6 +62,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="load .keras models with Lambda layers (runs code from the file)")
     run.add_argument("--image-size", default=None,
                      help="HxW to resize to, for models without a fixed input size")
+    run.add_argument("--tfma-config", default=None,
+                     help="text-format TFMA EvalConfig, or none to skip TFMA "
+                          "[tfma_configs/binary.pbtxt or multiclass.pbtxt by the number of classes]")
+    run.add_argument("--confidence-intervals", action="store_true",
+                     help="TFMA confidence intervals (Poisson bootstrap) for every metric")
+    run.add_argument("--max-slice-gap", default=None,
+                     help="fairness gate, e.g. auc=0.05,binary_accuracy=0.1: fail (exit 3) when the "
+                          "best and worst slice of a slice column differ by more")
     run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
 
@@ -128,7 +136,8 @@ def _request_from_args(args) -> "AuditRequest":
         preprocess=args.preprocess, methods=args.methods, layer=args.layer, target=args.target,
         batch_size=args.batch_size, seed=args.seed, max_error_rate=args.max_error_rate,
         unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
-        max_image_pixels=args.max_image_pixels,
+        max_image_pixels=args.max_image_pixels, tfma_config=args.tfma_config,
+        confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
     )
 
 

@@ -126,25 +126,29 @@ class GradCAM:
 
 
 def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
-    """Per example: share of the map's mass inside the mask, and whether the map's maximum is in it.
+    """Per example: share of the map's mass inside the mask, whether the map's maximum is in it,
+    and the mask's share of the image (what the mass share would be for a uniform map).
 
-    The map is upsampled bilinearly to the mask's resolution first. Returns two lists with None
-    where there is no mask or the map is all zero (no attention to place).
+    The map is upsampled bilinearly to the mask's resolution first. Returns three lists with None
+    where there is no mask; the first two are None too where the map is all zero (no attention
+    to place).
     """
     energies: List[Optional[float]] = [None] * len(masks)
     hits: List[Optional[bool]] = [None] * len(masks)
+    areas: List[Optional[float]] = [None] * len(masks)
     with_mask = [i for i, m in enumerate(masks) if m is not None]
     if not with_mask:
-        return energies, hits
+        return energies, hits, areas
     height, width = masks[with_mask[0]].shape
     up = tf.image.resize(maps[with_mask][..., None].astype(np.float32), (height, width),
                          method="bilinear").numpy()[..., 0]
     up = np.maximum(up, 0.0)
     for row, i in enumerate(with_mask):
+        mask = masks[i].astype(bool)
+        areas[i] = float(mask.mean())
         total = float(up[row].sum())
         if total <= 0.0:
             continue
-        mask = masks[i].astype(bool)
         energies[i] = float(up[row][mask].sum() / total)
         hits[i] = bool(mask.flat[int(np.argmax(up[row]))])
-    return energies, hits
+    return energies, hits, areas

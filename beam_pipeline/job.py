@@ -7,13 +7,13 @@ reads the outputs back to count them, writes run.json and returns the exit code.
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import decode, model_io, pipeline, runinfo, sources
+from . import decode, evaluation, model_io, pipeline, runinfo, sources
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -47,6 +47,9 @@ class AuditRequest:
     unsafe_deserialization: bool = False
     image_size: Optional[str] = None
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+    tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
+    confidence_intervals: bool = False
+    max_slice_gap: Optional[str] = None  # e.g. "auc=0.05,binary_accuracy=0.1"
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Plan:
     model_info: model_io.ClassifierInfo
     model_sha256: str
     timings: Dict[str, float]
+    tfma_config_origin: Optional[str] = None
+    tfma_skipped_because: Optional[str] = None
 
 
 def _check_options(req: AuditRequest) -> None:
@@ -162,7 +167,32 @@ def plan_audit(req: AuditRequest) -> Plan:
     )
     # Fails early (exit 1) when a slice column clashes with an output column.
     attribution_schema(spec.slice_types, spec.has_masks)
-    return Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+    plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+    _plan_evaluation(req, plan)
+    return plan
+
+
+def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
+    """Choose and complete the TFMA config, or record why TFMA is skipped."""
+    evaluation.parse_slice_gaps(req.max_slice_gap)  # a malformed gap is a usage problem: fail now
+    spec = plan.config.source
+    if req.tfma_config == "none":
+        plan.tfma_skipped_because = "--tfma-config none"
+        return
+    if not spec.labeled:
+        if req.tfma_config or req.max_slice_gap:
+            raise OptionError(
+                "TFMA metrics and gates need labels, and the data has none; leave out "
+                "--tfma-config / --max-slice-gap, or add a label column."
+            )
+        plan.tfma_skipped_because = "the data has no labels"
+        return
+    config, origin = evaluation.load_eval_config(req.tfma_config, plan.model_info.num_classes)
+    plan.config.eval_config = evaluation.complete_eval_config(
+        config, plan.model_info.num_classes, list(spec.slice_types), spec.has_masks,
+        req.confidence_intervals,
+    )
+    plan.tfma_config_origin = origin
 
 
 def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
@@ -182,16 +212,63 @@ def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
 
 
 def _clear_outputs(output: str) -> None:
-    """Remove the Parquet shards of an earlier run in the same folder, so none mixes in."""
-    for sub in ("attributions", "errors"):
-        stale = runinfo.parquet_files(FileSystems.join(output, sub))
+    """Remove the outputs of an earlier run in the same folder, so none mixes in."""
+    for sub, pattern in (("attributions", "*.parquet"), ("errors", "*.parquet"), ("tfma", "*")):
+        folder = FileSystems.join(output, sub)
+        stale = [m.path for m in FileSystems.match([FileSystems.join(folder, pattern)])[0].metadata_list]
         if stale:
-            LOG.info("Removing %d output files of an earlier run in %s/%s", len(stale), output, sub)
+            LOG.info("Removing %d output files of an earlier run in %s", len(stale), folder)
             FileSystems.delete(stale)
 
 
+def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
+    """Counts from the files a reader will see, checked against the job's own input counter."""
+    ok_ids = runinfo.read_column(pipeline.output_path(output, "attributions"), "example_id")
+    error_types = runinfo.read_column(pipeline.output_path(output, "errors"), "error_type")
+    failed, total = len(error_types), len(ok_ids) + len(error_types)
+    examples_in = int(counters.get("examples_in", total))
+    by_type: Dict[str, int] = {}
+    for name in error_types:
+        by_type[name] = by_type.get(name, 0) + 1
+    return {
+        "examples_in": examples_in,
+        "examples_ok": len(ok_ids),
+        "examples_failed": failed,
+        "error_rate": failed / total if total else 0.0,
+        "errors_by_type": by_type,
+        "accounting_ok": examples_in == total and len(set(ok_ids)) == len(ok_ids),
+    }
+
+
+def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]]:
+    """TFMA's figures for run.json and the gates they feed (raises EvaluationError if empty)."""
+    if plan.config.eval_config is None:
+        return {"skipped_because": plan.tfma_skipped_because}, []
+    tfma_dir = pipeline.output_path(plan.config.output, "tfma")
+    table = evaluation.read_tfma_results(tfma_dir)
+    gates = evaluation.threshold_gates(tfma_dir)
+    gates += evaluation.slice_gap_gates(
+        table, evaluation.parse_slice_gaps(req.max_slice_gap), plan.config.source.slice_types)
+    summary = {
+        "output": tfma_dir,
+        "config": plan.tfma_config_origin,
+        "confidence_intervals": req.confidence_intervals,
+        "metrics": table,
+    }
+    return summary, gates
+
+
+def _exit_code(gates: List[dict]) -> int:
+    """4 when too many examples failed (the figures cover too little of the data), else 3 when
+    any other gate failed, else 0."""
+    failed = {g["gate"] for g in gates if not g["passed"]}
+    if "max_error_rate" in failed:
+        return EXIT_ERROR_RATE
+    return EXIT_GATE if failed else EXIT_OK
+
+
 def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
-    """Plan, run, account. Returns the exit code (DESIGN.md)."""
+    """Plan, run, account, gate. Returns the exit code (DESIGN.md)."""
     started = runinfo.now_iso()
     plan = plan_audit(req)
     config = plan.config
@@ -205,26 +282,36 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     result.wait_until_finish()
     plan.timings["pipeline_s"] = time.perf_counter() - start
 
-    ok_ids = runinfo.read_column(pipeline.output_path(config.output, "attributions"), "example_id")
-    error_types = runinfo.read_column(pipeline.output_path(config.output, "errors"), "error_type")
     counters = runinfo.beam_counters(result)
-    examples_in = int(counters.get("examples_in", len(ok_ids) + len(error_types)))
-    failed = len(error_types)
-    total = len(ok_ids) + failed
-    error_rate = failed / total if total else 0.0
+    counts = _count_outputs(config.output, counters)
     error_gate = {
         "gate": "max_error_rate",
-        "passed": error_rate <= req.max_error_rate,
-        "value": error_rate,
+        "passed": counts["error_rate"] <= req.max_error_rate,
+        "slice": "overall",
+        "metric": "error_rate",
+        "value": counts["error_rate"],
         "bound": req.max_error_rate,
     }
-    exit_code = EXIT_OK if error_gate["passed"] else EXIT_ERROR_RATE
-    by_type: Dict[str, int] = {}
-    for name in error_types:
-        by_type[name] = by_type.get(name, 0) + 1
+    evaluation_error = None
+    try:
+        tfma_summary, tfma_gates = _evaluation_results(req, plan)
+    except evaluation.EvaluationError as exc:
+        evaluation_error = exc
+        tfma_summary, tfma_gates = {"error": str(exc)}, []
+    gates = [error_gate, *tfma_gates]
+    exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
+    payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
+    runinfo.write_json(pipeline.output_path(config.output, "run.json"), payload)
+    _log_summary(payload, config.output)
+    if evaluation_error:
+        raise evaluation_error
+    return exit_code
 
+
+def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code) -> dict:
+    config, info = plan.config, plan.model_info
     options = p.options.get_all_options(drop_default=True)
-    payload = {
+    return {
         "tool": "xai-audit",
         "tool_version": runinfo.tool_version(),
         "command_line": runinfo.command_line(),
@@ -235,11 +322,11 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         "model": {
             "path": req.model,
             "sha256": plan.model_sha256,
-            "input_shape": [plan.model_info.height, plan.model_info.width, plan.model_info.channels],
-            "num_classes": plan.model_info.num_classes,
+            "input_shape": [info.height, info.width, info.channels],
+            "num_classes": info.num_classes,
             "class_names": config.class_names,
-            "head": plan.model_info.head,
-            "logit_source": plan.model_info.head_source,
+            "head": info.head,
+            "logit_source": info.head_source,
             "gradcam_layer": config.layer,
         },
         "data": {
@@ -251,28 +338,16 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
             "slice_columns": config.source.slice_types,
             "files": len(config.source.files) or None,
         },
-        "runner": {
-            "name": options.get("runner") or "FnApiRunner (local)",
-            "options": options,
-        },
+        "runner": {"name": options.get("runner") or "FnApiRunner (local)", "options": options},
         "seed": req.seed,
         "options": {k: v for k, v in asdict(req).items() if k not in ("model", "data", "output")},
         "libraries": runinfo.library_versions(),
-        "counts": {
-            "examples_in": examples_in,
-            "examples_ok": len(ok_ids),
-            "examples_failed": failed,
-            "error_rate": error_rate,
-            "errors_by_type": by_type,
-            "accounting_ok": examples_in == total and len(set(ok_ids)) == len(ok_ids),
-        },
+        "counts": counts,
         "timings_s": plan.timings,
         "beam_counters": counters,
-        "gates": [error_gate],
+        "tfma": tfma_summary,
+        "gates": gates,
     }
-    runinfo.write_json(pipeline.output_path(config.output, "run.json"), payload)
-    _log_summary(payload, config.output)
-    return exit_code
 
 
 def _log_summary(payload: dict, output: str) -> None:
@@ -289,5 +364,9 @@ def _log_summary(payload: dict, output: str) -> None:
             counts["examples_failed"], counts["examples_in"], 100 * counts["error_rate"],
             payload["options"]["max_error_rate"], output,
         )
+    for gate in payload["gates"]:
+        if not gate["passed"] and gate["gate"] != "max_error_rate":
+            LOG.error("Gate failed: %s %s at %s = %s (bound %s)", gate["gate"], gate["metric"],
+                      gate["slice"], gate["value"], gate["bound"])
     if not counts["accounting_ok"]:
         LOG.warning("Accounting mismatch: examples in != audited + failed. See run.json counts.")

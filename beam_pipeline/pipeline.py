@@ -16,7 +16,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import decode, explainers, model_io, sources
+from . import decode, evaluation, explainers, model_io, sources
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import ERROR_SCHEMA, attribution_schema
@@ -41,6 +41,7 @@ class AuditConfig:
     batch_size: int = 32
     unsafe_deserialization: bool = False
     progress_every_s: float = 10.0
+    eval_config: Any = None  # a completed TFMA EvalConfig, or None to skip TFMA
 
     @property
     def labeled(self) -> bool:
@@ -209,7 +210,7 @@ class ExplainBatches(beam.DoFn):
         maps = out["maps"]
         has_masks = self.config.source.has_masks
         if has_masks:
-            energies, hits = explainers.mask_agreement(maps, [ex.mask for ex in examples])
+            energies, hits, areas = explainers.mask_agreement(maps, [ex.mask for ex in examples])
         rows = []
         for i, ex in enumerate(examples):
             probs = out["probabilities"][i]
@@ -230,6 +231,7 @@ class ExplainBatches(beam.DoFn):
             if has_masks:
                 row["gradcam_mask_energy"] = energies[i]
                 row["gradcam_pointing_hit"] = hits[i]
+                row["gradcam_mask_area"] = areas[i]
             row.update(ex.slices)
             rows.append(row)
         return rows
@@ -269,6 +271,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         | "Explain" >> beam.ParDo(ExplainBatches(config)).with_outputs(ERRORS, main="rows")
     )
     schema = attribution_schema(spec.slice_types, spec.has_masks)
+    if config.eval_config is not None:
+        _ = explained.rows | "Evaluate" >> evaluation.EvaluateWithTFMA(
+            config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),
+            spec.has_masks,
+        )
     _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
         output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"
     )

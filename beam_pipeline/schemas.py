@@ -30,7 +30,11 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool, method: str
         (f"{method}_layer", pa.string()),
     ]
     if has_masks:
-        fields += [(f"{method}_mask_energy", pa.float32()), (f"{method}_pointing_hit", pa.bool_())]
+        fields += [
+            (f"{method}_mask_energy", pa.float32()),
+            (f"{method}_pointing_hit", pa.bool_()),
+            (f"{method}_mask_area", pa.float32()),  # the mask's share of the image
+        ]
     taken = {name for name, _ in fields}
     clash = sorted(taken & set(slice_types))
     if clash:

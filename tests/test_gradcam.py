@@ -198,7 +198,7 @@ def test_mask_agreement_energy_and_pointing():
     masks = [np.zeros((4, 4), bool), np.zeros((4, 4), bool), None]
     masks[0][:2, :2] = True
     masks[1][:2, :2] = True
-    energies, hits = explainers.mask_agreement(maps, masks)
+    energies, hits, areas = explainers.mask_agreement(maps, masks)
     assert energies[0] > 0.5 and hits[0] is True
-    assert energies[1] == pytest.approx(0.25)
-    assert energies[2] is None and hits[2] is None
+    assert energies[1] == pytest.approx(0.25) and areas[1] == pytest.approx(0.25)
+    assert energies[2] is None and hits[2] is None and areas[2] is None
