@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 from typing import List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
@@ -121,8 +122,13 @@ def _configure_logging() -> None:
         ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
-    for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
+    for noisy in ("apache_beam", "absl", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TF and TFMA deprecation notices and TFMA's divide-by-zero warnings on one-class slices
+    # say nothing a user can act on.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="tensorflow_model_analysis")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _request_from_args(args) -> "AuditRequest":

@@ -1,5 +1,6 @@
 """The ``demo`` command: make the synthetic data and model (``demo``), audit them with the real
 job, and print where the outputs are with a per-site table a reviewer reads in a minute."""
+import json
 import logging
 import os
 import time
@@ -12,6 +13,8 @@ from .errors import OptionError
 
 LOG = logging.getLogger("xai_audit")
 TRUNCATED_ID = "scan_truncated"
+# The fairness gate the demo sets: the shortcut site must stand out against it.
+DEMO_SLICE_GAPS = "auc=0.02,binary_accuracy=0.05"
 
 
 def _add_truncated_scan(manifest_path: str) -> None:
@@ -27,13 +30,17 @@ def _add_truncated_scan(manifest_path: str) -> None:
     pd.concat([frame, pd.DataFrame([row])]).to_csv(manifest_path, index=False)
 
 
-def site_table(attributions: pd.DataFrame) -> pd.DataFrame:
-    """Per site: examples, accuracy, and where Grad-CAM looks on lesion scans."""
+def site_table(attributions: pd.DataFrame, tfma_metrics: dict) -> pd.DataFrame:
+    """Per site: examples, accuracy, TFMA's AUC, and where Grad-CAM looks on lesion scans."""
     frame = attributions.assign(correct=attributions.label == attributions.predicted_class)
     lesions = frame[frame.gradcam_mask_energy.notna()]
+    sites = sorted(frame.site.unique())
+    auc = {s: tfma_metrics.get(f"site={s}", {}).get("auc") for s in sites}
     table = pd.DataFrame({
         "examples": frame.groupby("site").size(),
         "accuracy": frame.groupby("site").correct.mean(),
+        "auc": pd.Series({s: v.get("value") if isinstance(v, dict) else v for s, v in auc.items()},
+                         dtype=float),
         "attention_on_lesion": lesions.groupby("site").gradcam_mask_energy.mean(),
         "pointing_hit_rate": lesions.groupby("site").gradcam_pointing_hit.mean(),
     })
@@ -54,17 +61,28 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str]) ->
              figures["train_seconds"], figures["train_accuracy"], model_path)
     _add_truncated_scan(manifest)  # after training, which reads every scan
     LOG.info("Demo data: %d scans from 3 sites in %s", examples + 1, data_dir)
-    request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed)
+    request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed,
+                               max_slice_gap=DEMO_SLICE_GAPS)
     code = job.run_audit(request, beam_args)
+    with open(os.path.join(output, "run.json")) as handle:
+        run = json.load(handle)
     attributions = pd.read_parquet(os.path.join(output, "attributions"))
     errors = pd.read_parquet(os.path.join(output, "errors"))
-    print(f"\nxai-audit demo finished in {time.perf_counter() - start:.0f} s (exit code {code}).")
+    print(f"\nxai-audit demo finished in {time.perf_counter() - start:.0f} s (audit exit code {code}).")
     print(f"  attributions: {os.path.join(output, 'attributions')}  ({len(attributions)} rows)")
     print(f"  errors:       {os.path.join(output, 'errors')}  ({len(errors)} row(s): "
           f"{', '.join(f'{i} {t}' for i, t in zip(errors.example_id, errors.error_type))})")
     print(f"  run manifest: {os.path.join(output, 'run.json')}")
-    print("\nPer site (attention_on_lesion: share of Grad-CAM mass on the lesion mask, lesion scans):")
-    print(site_table(attributions).to_string())
+    print("\nPer site (auc from TFMA; attention_on_lesion: share of Grad-CAM mass on the lesion "
+          "mask, lesion scans):")
+    print(site_table(attributions, run.get("tfma", {}).get("metrics", {})).to_string())
     print("\nAt site_c the model is right for the wrong reason: it looks at a corner marker, not "
           "the lesion.")
+    for gate in run["gates"]:
+        print(f"  gate {gate['gate']} {gate['metric']}: {'passed' if gate['passed'] else 'FAILED'}"
+              f" ({gate['slice']}: {gate['value']:.4f}, bound {gate['bound']})")
+    if code == job.EXIT_GATE:
+        print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails on the planted shortcut, as it should: "
+              "the audit itself exits 3 (run.json exit_code); the demo command exits 0.")
+        return job.EXIT_OK
     return code

@@ -168,7 +168,9 @@ def plan_audit(req: AuditRequest) -> Plan:
     # Fails early (exit 1) when a slice column clashes with an output column.
     attribution_schema(spec.slice_types, spec.has_masks)
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+    start = time.perf_counter()
     _plan_evaluation(req, plan)
+    timings["plan_tfma_s"] = time.perf_counter() - start
     return plan
 
 
@@ -273,8 +275,10 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     plan = plan_audit(req)
     config = plan.config
     _clear_outputs(config.output)
+    start = time.perf_counter()
     p = make_pipeline(beam_args)
     pipeline.build_pipeline(p, config)
+    plan.timings["build_pipeline_s"] = time.perf_counter() - start
     LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
              config.output)
     start = time.perf_counter()
@@ -293,11 +297,13 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         "bound": req.max_error_rate,
     }
     evaluation_error = None
+    start = time.perf_counter()
     try:
         tfma_summary, tfma_gates = _evaluation_results(req, plan)
     except evaluation.EvaluationError as exc:
         evaluation_error = exc
         tfma_summary, tfma_gates = {"error": str(exc)}, []
+    plan.timings["read_tfma_s"] = time.perf_counter() - start
     gates = [error_gate, *tfma_gates]
     exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
     payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
@@ -366,7 +372,9 @@ def _log_summary(payload: dict, output: str) -> None:
         )
     for gate in payload["gates"]:
         if not gate["passed"] and gate["gate"] != "max_error_rate":
+            value = gate["value"]
             LOG.error("Gate failed: %s %s at %s = %s (bound %s)", gate["gate"], gate["metric"],
-                      gate["slice"], gate["value"], gate["bound"])
+                      gate["slice"], f"{value:.4f}" if isinstance(value, float) else value,
+                      gate["bound"])
     if not counts["accounting_ok"]:
         LOG.warning("Accounting mismatch: examples in != audited + failed. See run.json counts.")

@@ -26,7 +26,16 @@ def test_demo_end_to_end_through_the_cli(tmp_path):
     assert_accounting(attributions, errors, manifest.id)
     assert list(errors.error_type) == ["corrupt_image"] and errors.stage[0] == "decode"
     assert run["counts"]["examples_in"] == 481 and run["counts"]["accounting_ok"]
-    assert run["exit_code"] == 0 and run["model"]["gradcam_layer"] == "conv3"
+    assert run["model"]["gradcam_layer"] == "conv3"
+    # The planted shortcut fails the demo's slice-gap gate: the audit exits 3, the demo 0.
+    assert run["exit_code"] == 3
+    failed = [g for g in run["gates"] if not g["passed"]]
+    assert failed and all(g["gate"] == "max_slice_gap" for g in failed)
+    assert all(g["slice"].startswith("site=site_c vs ") for g in failed)
+    metrics = run["tfma"]["metrics"]
+    assert metrics["site=site_c"]["auc"] < metrics["site=site_a"]["auc"]
+    assert {"attention_on_mask=high", "prediction_correct=false"} <= set(metrics)
+    assert (out / "tfma").is_dir()
 
     lesions = attributions[attributions.gradcam_mask_energy.notna()]
     hit_rate = lesions.groupby("site").gradcam_pointing_hit.mean()
