@@ -71,6 +71,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-slice-gap", default=None,
                      help="fairness gate, e.g. auc=0.05,binary_accuracy=0.1: fail (exit 3) when the "
                           "best and worst slice of a slice column differ by more")
+    run.add_argument("--permutation-features", default="patches:4x4",
+                     help="permutation importance features: patches:RxC, channels, or none "
+                          "[patches:4x4]")
+    run.add_argument("--permutation-repeats", type=int, default=3,
+                     help="permutations per feature per shard [3]")
+    run.add_argument("--shard-size", type=int, default=256,
+                     help="examples per permutation shard [256]")
     run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
 
@@ -144,6 +151,8 @@ def _request_from_args(args) -> "AuditRequest":
         unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
         max_image_pixels=args.max_image_pixels, tfma_config=args.tfma_config,
         confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
+        permutation_features=args.permutation_features,
+        permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
     )
 
 

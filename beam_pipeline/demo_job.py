@@ -47,6 +47,20 @@ def site_table(attributions: pd.DataFrame, tfma_metrics: dict) -> pd.DataFrame:
     return table.round(3)
 
 
+def importance_grid(summary_path: str, metric: str):
+    """The patch importances of ``metric`` laid out as the image grid (rows × columns)."""
+    if not os.path.exists(summary_path):
+        return None
+    summary = pd.read_parquet(summary_path)
+    patches = summary[(summary.metric == metric) & summary.feature.str.startswith("patch_")]
+    if patches.empty:
+        return None
+    cells = patches.feature.str.extract(r"patch_r(\d+)_c(\d+)").astype(int)
+    grid = pd.DataFrame({"row": cells[0], "col": cells[1], "v": patches.importance.values})
+    table = grid.pivot(index="row", columns="col", values="v").round(3)
+    return table.rename(index=lambda r: f"r{r}", columns=lambda c: f"c{c}")
+
+
 def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str]) -> int:
     if examples < 12:
         raise OptionError("--examples must be at least 12 (four per site and class).")
@@ -78,6 +92,11 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str]) ->
     print(site_table(attributions, run.get("tfma", {}).get("metrics", {})).to_string())
     print("\nAt site_c the model is right for the wrong reason: it looks at a corner marker, not "
           "the lesion.")
+    grid = importance_grid(os.path.join(output, "importance_summary.parquet"), "accuracy")
+    if grid is not None:
+        print("\nPermutation importance (accuracy drop when a patch is shuffled), 4x4 grid: the "
+              "lesion area in the middle, and the marker's corner (top left):")
+        print(grid.to_string())
     for gate in run["gates"]:
         print(f"  gate {gate['gate']} {gate['metric']}: {'passed' if gate['passed'] else 'FAILED'}"
               f" ({gate['slice']}: {gate['value']:.4f}, bound {gate['bound']})")

@@ -43,6 +43,20 @@ class Classifier:
         return tf.where(targets == PREDICTED, predicted, targets)
 
 
+class Predictor:
+    """Probabilities only (no gradients), in one compiled function for every batch size."""
+
+    def __init__(self, classifier: Classifier, input_shape: Sequence[int]):
+        self.classifier = classifier
+        self._compiled = tf.function(
+            lambda images: classifier.probabilities(classifier.logits(images)),
+            input_signature=[tf.TensorSpec([None, *input_shape], tf.float32)],
+        )
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._compiled(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+
 class LayerCapture:
     """Records a layer's output on every call and makes the active tape watch it.
 

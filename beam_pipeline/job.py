@@ -4,16 +4,18 @@
 layer, classes, options) and raises ``AuditError`` with advice; ``run_audit`` runs the pipeline,
 reads the outputs back to count them, writes run.json and returns the exit code.
 """
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import decode, evaluation, model_io, pipeline, runinfo, sources
+from . import decode, evaluation, importance, model_io, pipeline, runinfo, sources
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -50,6 +52,9 @@ class AuditRequest:
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
     confidence_intervals: bool = False
     max_slice_gap: Optional[str] = None  # e.g. "auc=0.05,binary_accuracy=0.1"
+    permutation_features: str = "patches:4x4"
+    permutation_repeats: int = 3
+    shard_size: int = 256
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Plan:
     timings: Dict[str, float]
     tfma_config_origin: Optional[str] = None
     tfma_skipped_because: Optional[str] = None
+    importance_skipped_because: Optional[str] = None
 
 
 def _check_options(req: AuditRequest) -> None:
@@ -168,10 +174,30 @@ def plan_audit(req: AuditRequest) -> Plan:
     # Fails early (exit 1) when a slice column clashes with an output column.
     attribution_schema(spec.slice_types, spec.has_masks)
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+    _plan_importance(req, plan)
     start = time.perf_counter()
     _plan_evaluation(req, plan)
     timings["plan_tfma_s"] = time.perf_counter() - start
     return plan
+
+
+def _plan_importance(req: AuditRequest, plan: Plan) -> None:
+    if req.permutation_repeats < 1:
+        raise OptionError("--permutation-repeats must be at least 1.")
+    if req.shard_size < 1:
+        raise OptionError("--shard-size must be at least 1.")
+    spec = plan.config.image_spec
+    features = importance.parse_features(
+        req.permutation_features, spec.height, spec.width, spec.channels)
+    cfg = plan.config
+    cfg.permutation_repeats, cfg.shard_size, cfg.seed = (
+        req.permutation_repeats, req.shard_size, req.seed)
+    if not features:
+        plan.importance_skipped_because = "--permutation-features none"
+    elif not cfg.source.labeled:
+        plan.importance_skipped_because = "the data has no labels"
+    else:
+        cfg.permutation_features = features
 
 
 def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
@@ -215,9 +241,11 @@ def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
 
 def _clear_outputs(output: str) -> None:
     """Remove the outputs of an earlier run in the same folder, so none mixes in."""
-    for sub, pattern in (("attributions", "*.parquet"), ("errors", "*.parquet"), ("tfma", "*")):
-        folder = FileSystems.join(output, sub)
-        stale = [m.path for m in FileSystems.match([FileSystems.join(folder, pattern)])[0].metadata_list]
+    for sub, pattern in (("attributions", "*.parquet"), ("errors", "*.parquet"), ("tfma", "*"),
+                         ("importance", "*.parquet"), ("", "importance_summary.parquet")):
+        folder = FileSystems.join(output, sub) if sub else output
+        matches = FileSystems.match([FileSystems.join(folder, pattern)])[0].metadata_list
+        stale = [m.path for m in matches]
         if stale:
             LOG.info("Removing %d output files of an earlier run in %s", len(stale), folder)
             FileSystems.delete(stale)
@@ -258,6 +286,23 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
         "metrics": table,
     }
     return summary, gates
+
+
+def _importance_summary(plan: Plan) -> dict:
+    cfg = plan.config
+    if not cfg.permutation_features:
+        return {"skipped_because": plan.importance_skipped_because}
+    path = pipeline.output_path(cfg.output, "importance_summary.parquet")
+    with FileSystems.open(path) as handle:
+        table = pq.read_table(io.BytesIO(handle.read()))
+    rows = sorted(table.to_pylist(), key=lambda r: (r["metric"], -(r["importance"] or 0.0)))
+    return {
+        "summary": path,
+        "features": [f.name for f in cfg.permutation_features],
+        "repeats": cfg.permutation_repeats,
+        "shard_size": cfg.shard_size,
+        "figures": rows,
+    }
 
 
 def _exit_code(gates: List[dict]) -> int:
@@ -352,6 +397,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "timings_s": plan.timings,
         "beam_counters": counters,
         "tfma": tfma_summary,
+        "importance": _importance_summary(plan),
         "gates": gates,
     }
 

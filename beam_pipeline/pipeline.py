@@ -6,6 +6,7 @@ and ``explainers``. Every example leaves as exactly one attribution row or one e
 """
 import dataclasses
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import decode, evaluation, explainers, model_io, sources
+from . import decode, evaluation, explainers, importance, model_io, sources
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
-from .schemas import ERROR_SCHEMA, attribution_schema
+from .schemas import ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, attribution_schema
 
 LOG = logging.getLogger("xai_audit")
 ERRORS = "errors"
@@ -42,6 +43,10 @@ class AuditConfig:
     unsafe_deserialization: bool = False
     progress_every_s: float = 10.0
     eval_config: Any = None  # a completed TFMA EvalConfig, or None to skip TFMA
+    permutation_features: List[Any] = field(default_factory=list)  # importance.Feature
+    permutation_repeats: int = 3
+    shard_size: int = 256
+    seed: int = 0
 
     @property
     def labeled(self) -> bool:
@@ -118,30 +123,48 @@ class ProgressLog:
                      self.done, self.done / (now - self.start))
 
 
-_EXPLAINERS: Dict[tuple, explainers.GradCAM] = {}
-_EXPLAINERS_LOCK = threading.Lock()
+_SHARED: Dict[tuple, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(key: tuple, factory):
+    """One object per process and key: every DoFn instance on a worker shares the model and its
+    compiled functions (as RunInference shares its model handle)."""
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = factory()
+        return _SHARED[key]
+
+
+def _input_shape(cfg: AuditConfig) -> tuple:
+    spec = cfg.image_spec
+    return (spec.height, spec.width, spec.channels)
 
 
 def shared_gradcam(cfg: AuditConfig) -> explainers.GradCAM:
-    """One Grad-CAM explainer (model + compiled function) per process and configuration, so
-    every DoFn instance on a worker shares the model and its trace."""
-    spec = cfg.image_spec
-    shape = (spec.height, spec.width, spec.channels)
-    key = (cfg.model_path, cfg.unsafe_deserialization, cfg.layer, shape)
-    with _EXPLAINERS_LOCK:
-        if key not in _EXPLAINERS:
-            model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
-            _, layer = model_io.find_layer(model, cfg.layer)
-            _EXPLAINERS[key] = explainers.GradCAM(
-                explainers.Classifier(model, info.head), layer, cfg.layer, shape
-            )
-        return _EXPLAINERS[key]
+    def build():
+        model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        _, layer = model_io.find_layer(model, cfg.layer)
+        classifier = explainers.Classifier(model, info.head)
+        return explainers.GradCAM(classifier, layer, cfg.layer, _input_shape(cfg))
+
+    key = ("gradcam", cfg.model_path, cfg.unsafe_deserialization, cfg.layer, _input_shape(cfg))
+    return _shared(key, build)
+
+
+def shared_predictor(cfg: AuditConfig) -> explainers.Predictor:
+    def build():
+        model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        return explainers.Predictor(explainers.Classifier(model, info.head), _input_shape(cfg))
+
+    key = ("predictor", cfg.model_path, cfg.unsafe_deserialization, _input_shape(cfg))
+    return _shared(key, build)
 
 
 def clear_shared_models() -> None:
-    """Forget the process's loaded models and explainers (benchmarks, tests)."""
-    with _EXPLAINERS_LOCK:
-        _EXPLAINERS.clear()
+    """Forget the process's loaded models and compiled functions (benchmarks, tests)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
     model_io.clear_classifiers()
 
 
@@ -237,6 +260,81 @@ class ExplainBatches(beam.DoFn):
         return rows
 
 
+class ShardImportance(beam.DoFn):
+    """A bucket of labeled examples → shards of at most ``shard_size`` → raw importance rows."""
+
+    def __init__(self, config: AuditConfig):
+        self.config = config
+        self.shards = Metrics.counter(NAMESPACE, "importance_shards")
+        self.msecs = Metrics.distribution(NAMESPACE, "importance_shard_msecs")
+        self.forward_images = Metrics.counter(NAMESPACE, "importance_forward_images")
+
+    def setup(self):
+        self.predict = shared_predictor(self.config)
+
+    def process(self, bucket_and_examples):
+        bucket, examples = bucket_and_examples
+        cfg = self.config
+        for shard, members in importance.split_into_shards(bucket, list(examples), cfg.shard_size):
+            start = time.perf_counter()
+            rows = importance.shard_importance(
+                self.predict,
+                np.stack([ex.image for ex in members]),
+                np.array([ex.label for ex in members], np.int64),
+                cfg.permutation_features,
+                cfg.permutation_repeats,
+                cfg.seed,
+                shard,
+                cfg.batch_size,
+            )
+            self.shards.inc()
+            self.forward_images.inc(len(members) * (1 + len(rows)))
+            self.msecs.update(int((time.perf_counter() - start) * 1000))
+            yield from rows
+
+
+class PermutationImportance(beam.PTransform):
+    """Decoded examples → DIR/importance/*.parquet (raw, per shard) and
+    DIR/importance_summary.parquet (global, combined exactly from the shards' partial sums)."""
+
+    def __init__(self, config: AuditConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, examples):
+        cfg = self.config
+        labeled = examples | "WithLabel" >> beam.Filter(lambda ex: ex.label is not None)
+        count = labeled | "CountLabeled" >> beam.combiners.Count.Globally()
+
+        def bucket_of(example, total):
+            buckets = max(1, math.ceil(total / cfg.shard_size))
+            return importance.shard_bucket(example.example_id, buckets), example
+
+        raw = (
+            labeled
+            | "ToBucket" >> beam.Map(bucket_of, beam.pvalue.AsSingleton(count))
+            | "GroupBuckets" >> beam.GroupByKey()
+            | "PermuteShards" >> beam.ParDo(ShardImportance(cfg))
+        )
+        _ = (
+            raw
+            | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
+            | "WriteImportance" >> beam.io.WriteToParquet(
+                output_path(cfg.output, "importance", "part"), IMPORTANCE_SCHEMA,
+                file_name_suffix=".parquet")
+        )
+        return (
+            raw
+            | "ByFeatureMetric" >> beam.FlatMap(
+                lambda row: [((row["feature"], metric), row) for metric in importance.METRICS])
+            | "GroupFeatureMetric" >> beam.GroupByKey()
+            | "Summarize" >> beam.MapTuple(lambda key, rows: importance.summarize(*key, rows))
+            | "WriteSummary" >> beam.io.WriteToParquet(
+                output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
+                file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+        )
+
+
 def output_path(output: str, *parts: str) -> str:
     return FileSystems.join(output.rstrip("/"), *parts)
 
@@ -271,6 +369,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         | "Explain" >> beam.ParDo(ExplainBatches(config)).with_outputs(ERRORS, main="rows")
     )
     schema = attribution_schema(spec.slice_types, spec.has_masks)
+    if config.permutation_features:
+        _ = decoded.examples | "Importance" >> PermutationImportance(config)
     if config.eval_config is not None:
         _ = explained.rows | "Evaluate" >> evaluation.EvaluateWithTFMA(
             config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),

@@ -44,3 +44,36 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool, method: str
         )
     fields += [(name, _SLICE_TYPES[type_name]) for name, type_name in slice_types.items()]
     return pa.schema(fields)
+
+
+IMPORTANCE_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("feature", pa.string()),
+        ("repeat", pa.int32()),
+        ("metric", pa.string()),
+        ("baseline", pa.float64()),
+        ("permuted", pa.float64()),
+        ("n", pa.int64()),
+        # Additive partials (the shard's sums) the metric is computed from: correct count for
+        # accuracy, summed log-loss for log_loss, score histograms [classes x buckets] for auc.
+        ("baseline_sum", pa.float64()),
+        ("permuted_sum", pa.float64()),
+        ("baseline_hist_pos", pa.list_(pa.int64())),
+        ("baseline_hist_neg", pa.list_(pa.int64())),
+        ("permuted_hist_pos", pa.list_(pa.int64())),
+        ("permuted_hist_neg", pa.list_(pa.int64())),
+    ]
+)
+
+IMPORTANCE_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("feature", pa.string()),
+        ("metric", pa.string()),
+        ("importance", pa.float64()),
+        ("std", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
