@@ -37,6 +37,17 @@ def test_demo_end_to_end_through_the_cli(tmp_path):
     assert {"attention_on_mask=high", "prediction_correct=false"} <= set(metrics)
     assert (out / "tfma").is_dir()
 
+    # Permutation importance: the lesion's central region and the marker's corner stand out.
+    summary = pd.read_parquet(out / "importance_summary.parquet")
+    raw = pd.read_parquet(out / "importance")
+    assert set(raw.metric) == {"accuracy", "log_loss", "auc"} and raw.n.sum() > 0
+    accuracy = summary[summary.metric == "accuracy"].set_index("feature").importance
+    centre = ["patch_r1_c1", "patch_r1_c2", "patch_r2_c1", "patch_r2_c2"]
+    border = [f for f in accuracy.index if f not in centre and f != "patch_r0_c0"]
+    assert accuracy[centre].min() > accuracy[border].median()
+    assert accuracy["patch_r0_c0"] > accuracy[border].max()
+    assert "Permutation importance" in proc.stdout
+
     lesions = attributions[attributions.gradcam_mask_energy.notna()]
     hit_rate = lesions.groupby("site").gradcam_pointing_hit.mean()
     assert hit_rate["site_a"] > 0.8 and hit_rate["site_b"] > 0.8
