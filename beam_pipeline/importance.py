@@ -34,12 +34,24 @@ class Feature:
     cols: Tuple[int, int]
     channels: Optional[Tuple[int, int]] = None  # None: every channel
 
+    def block(self, images: np.ndarray) -> tuple:
+        c0, c1 = self.channels or (0, images.shape[-1])
+        return (slice(None), slice(*self.rows), slice(*self.cols), slice(c0, c1))
+
+    def write_permuted(self, work: np.ndarray, images: np.ndarray, order: np.ndarray) -> None:
+        """In ``work`` (a copy of ``images``), example n's block becomes example order[n]'s.
+        Only the block is copied, so a pass costs the block, not the whole shard."""
+        block = self.block(images)
+        work[block] = images[block][order]
+
+    def restore(self, work: np.ndarray, images: np.ndarray) -> None:
+        block = self.block(images)
+        work[block] = images[block]
+
     def permute(self, images: np.ndarray, order: np.ndarray) -> np.ndarray:
         """A copy of ``images`` whose block comes from example ``order[n]`` for example n."""
         out = images.copy()
-        c0, c1 = self.channels or (0, images.shape[-1])
-        block = (slice(None), slice(*self.rows), slice(*self.cols), slice(c0, c1))
-        out[block] = images[order][block]
+        self.write_permuted(out, images, order)
         return out
 
 
@@ -177,11 +189,13 @@ def shard_importance(
         baseline = predict_in_batches(predict, images, batch_size)
     base = metric_partials(baseline, labels)
     rows = []
+    work = images.copy()  # one buffer: each pass rewrites and restores just its block
     for feature in features:
         for repeat in range(repeats):
             rng = np.random.default_rng(permutation_seed(seed, shard, feature.name, repeat))
-            order = rng.permutation(len(images))
-            permuted = predict_in_batches(predict, feature.permute(images, order), batch_size)
+            feature.write_permuted(work, images, rng.permutation(len(images)))
+            permuted = predict_in_batches(predict, work, batch_size)
+            feature.restore(work, images)
             rows.append({"shard": shard, "feature": feature.name, "repeat": repeat,
                          "baseline": base, "permuted": metric_partials(permuted, labels)})
     return rows
