@@ -224,3 +224,14 @@ def test_slice_gap_parsing():
         "auc": 0.05, "binary_accuracy": 0.1}
     with pytest.raises(OptionError):
         evaluation.parse_slice_gaps("auc")
+
+
+@pytest.mark.parametrize("name,classes", [("binary.pbtxt", 2), ("binary_with_thresholds.pbtxt", 2),
+                                          ("multiclass.pbtxt", 4)])
+def test_every_shipped_config_parses_and_completes(name, classes):
+    from importlib import resources
+
+    path = str(resources.files("tfma_configs").joinpath(name))
+    config, origin = evaluation.load_eval_config(path, classes)
+    done = evaluation.complete_eval_config(config, classes, ["site"], True, False)
+    assert done.metrics_specs and any(not s.feature_keys for s in done.slicing_specs)
