@@ -25,14 +25,14 @@ Methods (``name`` is the key the pipeline will use):
 stays small. Pure TensorFlow, no Beam.
 """
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from . import model_io
 from .errors import OptionError
-from .explainers import Classifier, LayerCapture
+from .explainers import Attribution, Classifier, LayerCapture
 
 DEFAULT_MAP_SIZE = 56
 BASELINES = ("black", "uniform", "blur")
@@ -49,81 +49,6 @@ _HEADS = ("softmax", "sigmoid")
 
 
 # --------------------------------------------------------------------------- shared plumbing
-
-
-class Attribution:
-    """Compile + call + numpy, shared by every method; subclasses implement ``_explain``."""
-
-    name = ""
-
-    def __init__(self, classifier: Classifier, input_shape: Sequence[int]):
-        self.classifier = classifier
-        self.input_shape = tuple(input_shape)
-        self._compiled = tf.function(
-            self._explain,
-            input_signature=[
-                tf.TensorSpec([None, *self.input_shape], tf.float32),
-                tf.TensorSpec([None], tf.int32),
-            ],
-        )
-
-    def _explain(self, images: tf.Tensor, targets: tf.Tensor) -> Dict[str, tf.Tensor]:
-        raise NotImplementedError
-
-    def __call__(self, images: np.ndarray, targets: np.ndarray) -> Dict[str, np.ndarray]:
-        out = self._compiled(tf.convert_to_tensor(images, tf.float32),
-                             tf.convert_to_tensor(targets, tf.int32))
-        return {key: value.numpy() for key, value in out.items()}
-
-    def tracing_count(self) -> int:
-        return self._compiled.experimental_get_tracing_count()
-
-    # Helpers for the gradient methods.
-
-    def _predict(self, images: tf.Tensor, targets: tf.Tensor):
-        """(probabilities, resolved targets, target logits) of the clean images."""
-        logits = self.classifier.logits(images)
-        probabilities = self.classifier.probabilities(logits)
-        targets = self.classifier.resolve_targets(targets, probabilities)
-        return probabilities, targets, self.classifier.target_scores(logits, targets)
-
-    def _input_gradients(self, inputs: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
-        """∂(target logit)/∂input for a batch. Examples are independent in inference mode, so the
-        gradient of the sum is each example's own gradient; weights are not watched."""
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(inputs)
-            scores = self.classifier.target_scores(self.classifier.logits(inputs), targets)
-            total = tf.reduce_sum(scores)
-        return tape.gradient(total, inputs)
-
-    def _dims(self, images: tf.Tensor) -> list:
-        """[H, W, C] as Python ints where static (keeps shapes static through reshapes)."""
-        return [d if d is not None else tf.shape(images)[i + 1]
-                for i, d in enumerate(self.input_shape)]
-
-    def _sum_over_copies(self, images: tf.Tensor, targets: tf.Tensor, count: int, per_pass: int,
-                         make_copies: Callable, reduce: Callable, initial: tf.Tensor) -> tf.Tensor:
-        """Σ over ``count`` perturbed copies of every image of ``reduce(gradients)``.
-
-        ``make_copies(ids)`` gives [B, m, H, W, C] copies for the copy indices ``ids`` [m];
-        ``reduce`` maps their gradients [B, m, H, W, C] to a sum over m. Each pass is one
-        forward/backward over B·m images with m ≤ ``per_pass``, which bounds memory.
-        """
-        dims = self._dims(images)
-
-        def one_pass(start, total):
-            ids = tf.range(start, tf.minimum(start + per_pass, count))
-            m = tf.size(ids)
-            copies = tf.reshape(make_copies(ids), [-1, *dims])
-            # Copies are laid out example-major, so example b's target repeats m times.
-            gradients = self._input_gradients(copies, tf.repeat(targets, m))
-            return start + per_pass, total + reduce(tf.reshape(gradients, [-1, m, *dims]))
-
-        # parallel_iterations=1: passes do not depend on each other's gradients, and running
-        # them concurrently would bring back the memory that splitting into passes saves.
-        _, total = tf.while_loop(lambda start, _: start < count, one_pass,
-                                 (tf.constant(0), initial), parallel_iterations=1)
-        return total
 
 
 def _channel_max_abs(gradients: tf.Tensor) -> tf.Tensor:
