@@ -377,3 +377,31 @@ def pool_map(maps: np.ndarray, size: int = DEFAULT_MAP_SIZE) -> np.ndarray:
         return maps
     pooled = tf.image.resize(maps[..., None], target, method="area")
     return pooled.numpy()[..., 0].astype(np.float32)
+
+
+INPUT_RESOLUTION_METHODS = ("saliency", "smoothgrad", "integrated_gradients")
+ALL_METHODS = ("gradcam", "cam", "saliency", "smoothgrad", "integrated_gradients")
+
+
+def make_method(name: str, classifier: Classifier, input_shape: Sequence[int], gradcam_layer,
+                options: dict) -> Attribution:
+    """The explainer ``--methods`` names, configured from the run's ``options``
+    (gradcam_activation, smoothgrad_samples, smoothgrad_sigma, ig_steps, ig_baseline, seed)."""
+    from .explainers import GradCAM
+
+    if name == "gradcam":
+        layer_name, layer = gradcam_layer
+        return GradCAM(classifier, layer, layer_name, input_shape,
+                       activation=options.get("gradcam_activation", "relu"))
+    if name == "cam":
+        return CAM(classifier, input_shape)
+    if name == "saliency":
+        return Saliency(classifier, input_shape)
+    if name == "smoothgrad":
+        return SmoothGrad(classifier, input_shape, samples=options.get("smoothgrad_samples", 16),
+                          sigma=options.get("smoothgrad_sigma", 0.15), seed=options.get("seed", 0))
+    if name == "integrated_gradients":
+        return IntegratedGradients(classifier, input_shape, steps=options.get("ig_steps", 64),
+                                   baseline=options.get("ig_baseline", "black"),
+                                   seed=options.get("seed", 0))
+    raise OptionError(f"--methods {name}: not one of {', '.join(ALL_METHODS)}.")

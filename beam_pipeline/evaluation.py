@@ -122,8 +122,9 @@ def complete_eval_config(
 # --------------------------------------------------------------------------- rows → TFMA input
 
 
-def tfma_features(row: dict, slice_columns: Sequence[str], has_masks: bool) -> dict:
-    """The per-example features TFMA sees, from one attribution row."""
+def tfma_features(row: dict, slice_columns: Sequence[str], attention_method: Optional[str]) -> dict:
+    """The per-example features TFMA sees, from one attribution row; ``attention_method`` is the
+    method whose mask energy makes the ``attention_on_mask`` slice (None without masks)."""
     probabilities = [float(p) for p in row["probabilities"]]
     features = {
         LABEL: row["label"],
@@ -131,9 +132,9 @@ def tfma_features(row: dict, slice_columns: Sequence[str], has_masks: bool) -> d
         PROBABILITIES: probabilities,
         PREDICTION_CORRECT: "true" if row["label"] == row["predicted_class"] else "false",
     }
-    if has_masks:
+    if attention_method:
         features[ATTENTION_ON_MASK] = attention_bucket(
-            row.get("gradcam_mask_energy"), row.get("gradcam_mask_area"))
+            row.get(f"{attention_method}_mask_energy"), row.get("mask_area"))
     for column in slice_columns:
         features[column] = row.get(column)
     return features
@@ -183,22 +184,21 @@ class EvaluateWithTFMA(beam.PTransform):
     """Attribution rows → TFMA metrics, plots and validation under ``output_path``."""
 
     def __init__(self, eval_config, output_path: str, slice_columns: Sequence[str],
-                 has_masks: bool, batch_size: int = 256):
+                 attention_method: Optional[str], batch_size: int = 256):
         super().__init__()
         self.eval_config = eval_config
         self.output_path = output_path
         self.slice_columns = list(slice_columns)
-        self.has_masks = has_masks
+        self.attention_method = attention_method
         self.batch_size = batch_size
 
     def expand(self, rows):
         import tensorflow_model_analysis as tfma
 
-        slice_columns, has_masks = self.slice_columns, self.has_masks
         return (
             rows
             | "Labeled" >> beam.Filter(lambda row: row["label"] is not None)
-            | "TFMAFeatures" >> beam.Map(tfma_features, slice_columns, has_masks)
+            | "TFMAFeatures" >> beam.Map(tfma_features, self.slice_columns, self.attention_method)
             | "BatchForTFMA" >> beam.BatchElements(min_batch_size=1, max_batch_size=self.batch_size)
             | "ToRecordBatch" >> beam.Map(to_record_batch)
             | "TFMA" >> tfma.ExtractEvaluateAndWriteResults(

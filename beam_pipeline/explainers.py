@@ -232,3 +232,24 @@ def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
         energies[i] = float(up[row][mask].sum() / total)
         hits[i] = bool(mask.flat[int(np.argmax(up[row]))])
     return energies, hits, areas
+
+
+def mask_iou(maps: np.ndarray, masks: List[Optional[np.ndarray]]) -> List[Optional[float]]:
+    """Per example: IoU of the map's top region with the mask, the top region being as many of
+    the highest-attribution pixels as the mask has (so a map that picks out exactly the mask
+    scores 1). None where there is no mask, the mask is empty, or the map is all zero."""
+    ious: List[Optional[float]] = [None] * len(masks)
+    with_mask = [i for i, m in enumerate(masks) if m is not None and m.any()]
+    if not with_mask:
+        return ious
+    height, width = masks[with_mask[0]].shape
+    up = tf.image.resize(maps[with_mask][..., None].astype(np.float32), (height, width),
+                         method="bilinear").numpy()[..., 0]
+    for row, i in enumerate(with_mask):
+        if not np.any(up[row] > 0):
+            continue
+        mask = masks[i].astype(bool).ravel()
+        top = np.zeros(mask.size, bool)
+        top[np.argsort(-up[row].ravel(), kind="stable")[: int(mask.sum())]] = True
+        ious[i] = float((top & mask).sum() / (top | mask).sum())
+    return ious

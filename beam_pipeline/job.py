@@ -15,13 +15,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import decode, evaluation, importance, model_io, pipeline, runinfo, sources
+from . import attribution_methods, decode, evaluation, importance, model_io, pipeline, runinfo, sources
 from .schemas import attribution_schema
 from .errors import OptionError
 
 LOG = logging.getLogger("xai_audit")
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
-SUPPORTED_METHODS = ("gradcam",)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATE, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
 
@@ -49,6 +48,12 @@ class AuditRequest:
     unsafe_deserialization: bool = False
     image_size: Optional[str] = None
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+    map_size: int = 56
+    gradcam_activation: str = "relu"
+    smoothgrad_samples: int = 16
+    smoothgrad_sigma: float = 0.15
+    ig_steps: int = 64
+    ig_baseline: str = "black"
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
     confidence_intervals: bool = False
     max_slice_gap: Optional[str] = None  # e.g. "auc=0.05,binary_accuracy=0.1"
@@ -69,12 +74,16 @@ class Plan:
 
 
 def _check_options(req: AuditRequest) -> None:
-    unknown = [m for m in req.methods if m not in SUPPORTED_METHODS]
-    if unknown:
+    known = attribution_methods.ALL_METHODS
+    unknown = [m for m in req.methods if m not in known]
+    if unknown or not req.methods:
         raise OptionError(
-            f"--methods {','.join(unknown)}: this version computes {', '.join(SUPPORTED_METHODS)} "
-            "only."
+            f"--methods {','.join(req.methods)}: name one or more of {', '.join(known)}."
         )
+    if len(set(req.methods)) != len(req.methods):
+        raise OptionError("--methods names a method twice.")
+    if req.map_size < 1:
+        raise OptionError("--map-size must be at least 1.")
     if req.layer == "all" or "," in req.layer:
         raise OptionError(
             f"--layer {req.layer}: the layer sweep is not available in this version; name one "
@@ -155,7 +164,9 @@ def plan_audit(req: AuditRequest) -> Plan:
 
     start = time.perf_counter()
     model, info = model_io.load_classifier(req.model, req.unsafe_deserialization)
-    layer_name, _ = model_io.find_layer(model, req.layer)
+    layer_name = model_io.find_layer(model, req.layer)[0] if "gradcam" in req.methods else None
+    if "cam" in req.methods:
+        attribution_methods.cam_layers(model)  # a model without a GAP → Dense head: exit 1 now
     sha = model_io.model_sha256(req.model)
     timings["inspect_model_s"] = time.perf_counter() - start
 
@@ -170,9 +181,19 @@ def plan_audit(req: AuditRequest) -> Plan:
         target=_target(req, spec, info.num_classes),
         batch_size=req.batch_size,
         unsafe_deserialization=req.unsafe_deserialization,
+        methods=list(req.methods),
+        method_options={
+            "gradcam_activation": req.gradcam_activation,
+            "smoothgrad_samples": req.smoothgrad_samples,
+            "smoothgrad_sigma": req.smoothgrad_sigma,
+            "ig_steps": req.ig_steps,
+            "ig_baseline": req.ig_baseline,
+            "seed": req.seed,
+        },
+        map_size=req.map_size,
     )
     # Fails early (exit 1) when a slice column clashes with an output column.
-    attribution_schema(spec.slice_types, spec.has_masks)
+    attribution_schema(spec.slice_types, spec.has_masks, req.methods)
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
     _plan_importance(req, plan)
     start = time.perf_counter()
@@ -379,6 +400,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
             "head": info.head,
             "logit_source": info.head_source,
             "gradcam_layer": config.layer,
+            "methods": config.methods,
         },
         "data": {
             "uri": req.data,

@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import decode, evaluation, explainers, importance, model_io, sources
+from . import attribution_methods, decode, evaluation, explainers, importance, model_io, sources
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, attribution_schema
@@ -43,6 +43,9 @@ class AuditConfig:
     unsafe_deserialization: bool = False
     progress_every_s: float = 10.0
     eval_config: Any = None  # a completed TFMA EvalConfig, or None to skip TFMA
+    methods: List[str] = field(default_factory=lambda: ["gradcam"])
+    method_options: Dict[str, Any] = field(default_factory=dict)  # see make_method
+    map_size: int = 56  # input-resolution maps are pooled to at most this size
     permutation_features: List[Any] = field(default_factory=list)  # importance.Feature
     permutation_repeats: int = 3
     shard_size: int = 256
@@ -141,14 +144,18 @@ def _input_shape(cfg: AuditConfig) -> tuple:
     return (spec.height, spec.width, spec.channels)
 
 
-def shared_gradcam(cfg: AuditConfig) -> explainers.GradCAM:
+def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
+    """The ``--methods`` explainers, in order, sharing one model."""
     def build():
         model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
-        _, layer = model_io.find_layer(model, cfg.layer)
         classifier = explainers.Classifier(model, info.head)
-        return explainers.GradCAM(classifier, layer, cfg.layer, _input_shape(cfg))
+        layer = model_io.find_layer(model, cfg.layer) if "gradcam" in cfg.methods else None
+        return {name: attribution_methods.make_method(
+                    name, classifier, _input_shape(cfg), layer, cfg.method_options)
+                for name in cfg.methods}
 
-    key = ("gradcam", cfg.model_path, cfg.unsafe_deserialization, cfg.layer, _input_shape(cfg))
+    key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.layer,
+           _input_shape(cfg), tuple(cfg.methods), tuple(sorted(cfg.method_options.items())))
     return _shared(key, build)
 
 
@@ -179,7 +186,7 @@ class ExplainBatches(beam.DoFn):
         self.msecs = Metrics.distribution(NAMESPACE, "explain_batch_msecs")
 
     def setup(self):
-        self.explainer = shared_gradcam(self.config)
+        self.explainers = shared_explainers(self.config)
         self.progress = ProgressLog(self.config.progress_every_s)
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
@@ -219,7 +226,7 @@ class ExplainBatches(beam.DoFn):
         images = np.stack([ex.image for ex, _ in items])
         targets = np.array([t for _, t in items], np.int32)
         try:
-            out = self.explainer(images, targets)
+            outs = {name: method(images, targets) for name, method in self.explainers.items()}
         except Exception as exc:
             if len(items) == 1:
                 ex = items[0][0]
@@ -227,17 +234,40 @@ class ExplainBatches(beam.DoFn):
                                   f"{type(exc).__name__}: {exc}")]
             # Isolate the example that breaks the batch; the others still get audited.
             return [row for item in items for row in self._explain([item])]
-        return self._rows([ex for ex, _ in items], out)
+        return self._rows([ex for ex, _ in items], outs)
 
-    def _rows(self, examples: List[DecodedExample], out: Dict[str, np.ndarray]) -> List[dict]:
+    def _method_columns(self, name: str, out: Dict[str, np.ndarray],
+                        masks: List[Optional[np.ndarray]]) -> List[dict]:
+        """Per example, the columns of one method: its map (input-resolution maps pooled to
+        --map-size), shape, and agreement with the mask."""
         maps = out["maps"]
-        has_masks = self.config.source.has_masks
-        if has_masks:
-            energies, hits, areas = explainers.mask_agreement(maps, [ex.mask for ex in examples])
+        written = (attribution_methods.pool_map(maps, self.config.map_size)
+                   if name in attribution_methods.INPUT_RESOLUTION_METHODS else maps)
+        columns = [{name: m.astype(np.float32).ravel().tolist(), f"{name}_shape": list(m.shape)}
+                   for m in written]
+        if name == "gradcam":
+            for col in columns:
+                col["gradcam_layer"] = self.config.layer
+        if "completeness_gap" in out:
+            for col, gap in zip(columns, out["completeness_gap"]):
+                col["ig_completeness_gap"] = None if np.isnan(gap) else float(gap)
+        if self.config.source.has_masks:
+            energies, hits, areas = explainers.mask_agreement(maps, masks)
+            ious = explainers.mask_iou(maps, masks)
+            for i, col in enumerate(columns):
+                col.update({f"{name}_mask_energy": energies[i], f"{name}_pointing_hit": hits[i],
+                            f"{name}_iou": ious[i], "mask_area": areas[i]})
+        return columns
+
+    def _rows(self, examples: List[DecodedExample], outs: Dict[str, Dict[str, np.ndarray]]):
+        first = next(iter(outs.values()))
+        masks = [ex.mask for ex in examples]
+        per_method = [self._method_columns(name, out, masks) for name, out in outs.items()]
         rows = []
         for i, ex in enumerate(examples):
-            probs = out["probabilities"][i]
-            if not np.all(np.isfinite(probs)) or not np.all(np.isfinite(maps[i])):
+            probs = first["probabilities"][i]
+            if not np.all(np.isfinite(probs)) or not all(
+                    np.all(np.isfinite(out["maps"][i])) for out in outs.values()):
                 rows.append(error_row(ex.example_id, ex.source, "predict", "non_finite_output",
                                       "The model produced NaN or infinite values for this image."))
                 continue
@@ -246,15 +276,10 @@ class ExplainBatches(beam.DoFn):
                 "label": ex.label,
                 "predicted_class": int(np.argmax(probs)),
                 "probabilities": probs.astype(np.float32).tolist(),
-                "target_class": int(out["target_class"][i]),
-                "gradcam": maps[i].astype(np.float32).ravel().tolist(),
-                "gradcam_shape": list(maps[i].shape),
-                "gradcam_layer": self.config.layer,
+                "target_class": int(first["target_class"][i]),
             }
-            if has_masks:
-                row["gradcam_mask_energy"] = energies[i]
-                row["gradcam_pointing_hit"] = hits[i]
-                row["gradcam_mask_area"] = areas[i]
+            for columns in per_method:
+                row.update(columns[i])
             row.update(ex.slices)
             rows.append(row)
         return rows
@@ -368,13 +393,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         )
         | "Explain" >> beam.ParDo(ExplainBatches(config)).with_outputs(ERRORS, main="rows")
     )
-    schema = attribution_schema(spec.slice_types, spec.has_masks)
+    schema = attribution_schema(spec.slice_types, spec.has_masks, config.methods)
     if config.permutation_features:
         _ = decoded.examples | "Importance" >> PermutationImportance(config)
     if config.eval_config is not None:
         _ = explained.rows | "Evaluate" >> evaluation.EvaluateWithTFMA(
             config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),
-            spec.has_masks,
+            config.methods[0] if spec.has_masks else None,
         )
     _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
         output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"

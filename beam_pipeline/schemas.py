@@ -1,5 +1,5 @@
 """Arrow schemas of the Parquet outputs (DESIGN.md, "Output folder")."""
-from typing import Dict
+from typing import Dict, Sequence
 
 import pyarrow as pa
 
@@ -18,23 +18,29 @@ ERROR_SCHEMA = pa.schema(
 _SLICE_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
 
 
-def attribution_schema(slice_types: Dict[str, str], has_masks: bool, method: str = "gradcam"):
+def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
+                       methods: Sequence[str] = ("gradcam",)):
     fields = [
         ("example_id", pa.string()),
         ("label", pa.int64()),
         ("predicted_class", pa.int64()),
         ("probabilities", pa.list_(pa.float32())),
         ("target_class", pa.int64()),
-        (method, pa.list_(pa.float32())),
-        (f"{method}_shape", pa.list_(pa.int32())),
-        (f"{method}_layer", pa.string()),
     ]
+    for method in methods:
+        fields += [(method, pa.list_(pa.float32())), (f"{method}_shape", pa.list_(pa.int32()))]
+        if method == "gradcam":
+            fields.append(("gradcam_layer", pa.string()))
+        if method == "integrated_gradients":
+            fields.append(("ig_completeness_gap", pa.float32()))
+        if has_masks:
+            fields += [
+                (f"{method}_mask_energy", pa.float32()),
+                (f"{method}_pointing_hit", pa.bool_()),
+                (f"{method}_iou", pa.float32()),
+            ]
     if has_masks:
-        fields += [
-            (f"{method}_mask_energy", pa.float32()),
-            (f"{method}_pointing_hit", pa.bool_()),
-            (f"{method}_mask_area", pa.float32()),  # the mask's share of the image
-        ]
+        fields.append(("mask_area", pa.float32()))  # the mask's share of the image
     taken = {name for name, _ in fields}
     clash = sorted(taken & set(slice_types))
     if clash:

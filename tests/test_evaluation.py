@@ -183,7 +183,7 @@ def test_plain_column_record_batches_are_caught_not_green(tmp_path):
     # The job's own conversion gives list-typed columns, which TFMA does evaluate.
     batch = evaluation.to_record_batch([
         evaluation.tfma_features({"label": label, "probabilities": [1 - s, s],
-                                  "predicted_class": int(s > 0.5)}, [], False)
+                                  "predicted_class": int(s > 0.5)}, [], None)
         for label, s in [(0, 0.2), (1, 0.7), (1, 0.9)]])
     assert all(pa.types.is_large_list(field.type) for field in batch.schema)
     out = str(tmp_path / "listed")

@@ -19,7 +19,7 @@ from conftest import IMAGE_SIZE, conv_activations, gap_model, make_manifest, png
 
 BASE_COLUMNS = {"example_id", "label", "predicted_class", "probabilities", "target_class",
                 "gradcam", "gradcam_shape", "gradcam_layer"}
-MASK_COLUMNS = {"gradcam_mask_energy", "gradcam_pointing_hit", "gradcam_mask_area"}
+MASK_COLUMNS = {"gradcam_mask_energy", "gradcam_pointing_hit", "gradcam_iou", "mask_area"}
 
 
 def run_cli(*args):
