@@ -63,7 +63,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--ig-baseline", choices=("black", "blur", "uniform"), default="black",
                      help="Integrated Gradients baseline [black]")
     run.add_argument("--layer", default="auto",
-                     help="auto (last 4-D layer, nested models searched) or a layer name [auto]")
+                     help="auto (last 4-D layer, nested models searched), a layer name, a comma "
+                          "list, or all (Grad-CAM sweep over every 4-D layer) [auto]")
     run.add_argument("--target", default="predicted",
                      help="class to explain: predicted, label, or a class index [predicted]")
     run.add_argument("--batch-size", type=int, default=32, help="images per model call [32]")
@@ -82,6 +83,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-slice-gap", default=None,
                      help="fairness gate, e.g. auc=0.05,binary_accuracy=0.1: fail (exit 3) when the "
                           "best and worst slice of a slice column differ by more")
+    run.add_argument("--faithfulness-sample", type=int, default=256,
+                     help="about this many seeded examples get deletion/insertion AUCs per method "
+                          "(0: off) [256]")
+    run.add_argument("--sanity-sample", type=int, default=32,
+                     help="about this many seeded examples for the model-randomization sanity "
+                          "check (0: off) [32]")
     run.add_argument("--permutation-features", default="patches:4x4",
                      help="permutation importance features: patches:RxC, channels, or none "
                           "[patches:4x4]")
@@ -165,7 +172,8 @@ def _request_from_args(args) -> "AuditRequest":
         permutation_features=args.permutation_features, map_size=args.map_size,
         gradcam_activation=args.gradcam_activation, smoothgrad_samples=args.smoothgrad_samples,
         smoothgrad_sigma=args.smoothgrad_sigma, ig_steps=args.ig_steps,
-        ig_baseline=args.ig_baseline,
+        ig_baseline=args.ig_baseline, faithfulness_sample=args.faithfulness_sample,
+        sanity_sample=args.sanity_sample,
         permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
     )
 

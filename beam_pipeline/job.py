@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import attribution_methods, decode, evaluation, importance, model_io, pipeline, runinfo, sources
+from . import (attribution_methods, decode, evaluation, importance, layer_sweep, model_io,
+               pipeline, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -54,6 +55,8 @@ class AuditRequest:
     smoothgrad_sigma: float = 0.15
     ig_steps: int = 64
     ig_baseline: str = "black"
+    faithfulness_sample: int = 256
+    sanity_sample: int = 32
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
     confidence_intervals: bool = False
     max_slice_gap: Optional[str] = None  # e.g. "auc=0.05,binary_accuracy=0.1"
@@ -84,11 +87,10 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError("--methods names a method twice.")
     if req.map_size < 1:
         raise OptionError("--map-size must be at least 1.")
-    if req.layer == "all" or "," in req.layer:
-        raise OptionError(
-            f"--layer {req.layer}: the layer sweep is not available in this version; name one "
-            "layer or use auto."
-        )
+    if (req.layer == "all" or "," in req.layer) and "gradcam" not in req.methods:
+        raise OptionError(f"--layer {req.layer} sweeps Grad-CAM; add gradcam to --methods.")
+    if req.faithfulness_sample < 0 or req.sanity_sample < 0:
+        raise OptionError("--faithfulness-sample and --sanity-sample must be 0 or more.")
     if req.batch_size < 1:
         raise OptionError("--batch-size must be at least 1.")
     if not 0.0 <= req.max_error_rate <= 1.0:
@@ -153,6 +155,18 @@ def _image_spec(req: AuditRequest, info: model_io.ClassifierInfo) -> decode.Imag
     return decode.ImageSpec(size[0], size[1], info.channels, req.preprocess, req.max_image_pixels)
 
 
+def _gradcam_layers(model, req: AuditRequest):
+    """(the layer of the gradcam column, the swept layers or []) for --layer."""
+    if "gradcam" not in req.methods:
+        return None, []
+    if req.layer == "all":
+        return model_io.find_layer(model, "auto")[0], [n for n, _ in layer_sweep.sweep_layers(model)]
+    if "," in req.layer:
+        names = [model_io.find_layer(model, part.strip())[0] for part in req.layer.split(",")]
+        return names[-1], names
+    return model_io.find_layer(model, req.layer)[0], []
+
+
 def plan_audit(req: AuditRequest) -> Plan:
     """Validate the request on the launcher; raises AuditError subclasses with advice."""
     _check_options(req)
@@ -164,7 +178,7 @@ def plan_audit(req: AuditRequest) -> Plan:
 
     start = time.perf_counter()
     model, info = model_io.load_classifier(req.model, req.unsafe_deserialization)
-    layer_name = model_io.find_layer(model, req.layer)[0] if "gradcam" in req.methods else None
+    layer_name, sweep_names = _gradcam_layers(model, req)
     if "cam" in req.methods:
         attribution_methods.cam_layers(model)  # a model without a GAP → Dense head: exit 1 now
     sha = model_io.model_sha256(req.model)
@@ -191,9 +205,14 @@ def plan_audit(req: AuditRequest) -> Plan:
             "seed": req.seed,
         },
         map_size=req.map_size,
+        sweep=bool(sweep_names),
+        sweep_layer_names=sweep_names,
+        faithfulness_sample=req.faithfulness_sample,
+        sanity_sample=req.sanity_sample,
+        seed=req.seed,
     )
     # Fails early (exit 1) when a slice column clashes with an output column.
-    attribution_schema(spec.slice_types, spec.has_masks, req.methods)
+    attribution_schema(spec.slice_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
     _plan_importance(req, plan)
     start = time.perf_counter()
@@ -263,7 +282,8 @@ def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
 def _clear_outputs(output: str) -> None:
     """Remove the outputs of an earlier run in the same folder, so none mixes in."""
     for sub, pattern in (("attributions", "*.parquet"), ("errors", "*.parquet"), ("tfma", "*"),
-                         ("importance", "*.parquet"), ("", "importance_summary.parquet")):
+                         ("importance", "*.parquet"), ("", "importance_summary.parquet"),
+                         ("", "layer_sweep*.parquet"), ("", "sanity.parquet")):
         folder = FileSystems.join(output, sub) if sub else output
         matches = FileSystems.match([FileSystems.join(folder, pattern)])[0].metadata_list
         stale = [m.path for m in matches]
@@ -307,6 +327,32 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
         "metrics": table,
     }
     return summary, gates
+
+
+def _read_table(path: str) -> List[dict]:
+    with FileSystems.open(path) as handle:
+        return pq.read_table(io.BytesIO(handle.read())).to_pylist()
+
+
+def _quality_summary(plan: Plan) -> dict:
+    """Sanity-check verdicts per method and where the layer sweep's attention lands best."""
+    cfg = plan.config
+    summary: dict = {"faithfulness_sample": cfg.faithfulness_sample}
+    if cfg.sanity_sample:
+        rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))
+        last = {}
+        for row in rows:
+            if row["step"] >= last.get(row["method"], {}).get("step", -1):
+                last[row["method"]] = row
+        summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"]}
+                             for m, r in last.items()}
+    if cfg.sweep:
+        rows = [r for r in _read_table(pipeline.output_path(cfg.output, "layer_sweep.parquet"))
+                if r["slice"] == "overall" and r["energy"] is not None]
+        best = max(rows, key=lambda r: r["energy"] / r["area"] if r["area"] else 0, default=None)
+        summary["layer_sweep"] = {"layers": len(cfg.sweep_layer_names),
+                                  "best_layer_by_energy_lift": best and best["layer"]}
+    return summary
 
 
 def _importance_summary(plan: Plan) -> dict:
@@ -420,6 +466,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "beam_counters": counters,
         "tfma": tfma_summary,
         "importance": _importance_summary(plan),
+        "quality": _quality_summary(plan),
         "gates": gates,
     }
 

@@ -34,22 +34,25 @@ def _four_d_output(layer) -> bool:
         return False
 
 
-def _is_shared(layer) -> bool:
-    """Called more than once when models were built (Keras 3 and tf_keras keep one inbound node
-    per call; calling a nested model does not add nodes to its inner layers)."""
-    return len(getattr(layer, "_inbound_nodes", None) or ()) > 1
-
-
 def sweep_layers(model) -> List[Tuple[str, object]]:
     """(qualified name, layer) of every layer with a 4-D output, depth first, nested models
-    expanded; shared layers (and any layer listed twice) are left out."""
+    expanded; layers not called exactly once per forward pass (shared layers) are left out.
+
+    Sharing is read off one forward pass on a blank image: Keras' inbound-node lists cannot tell,
+    as a loaded Sequential model keeps several nodes per layer.
+    """
     found, seen = [], set()
     for name, layer in model_io.iter_layers(model):
-        if id(layer) in seen or _is_shared(layer) or not _four_d_output(layer):
+        if id(layer) in seen or not _four_d_output(layer):
             continue
         seen.add(id(layer))
         found.append((name, layer))
-    return found
+    if not found:
+        return found
+    shape = [1] + [d or 32 for d in model.inputs[0].shape[1:]]
+    _, _, calls = LayerSetCapture([layer for _, layer in found]).forward(
+        None, lambda x: model(x, training=False), tf.zeros(shape, model.inputs[0].dtype))
+    return [pair for pair, count in zip(found, calls) if count == 1]
 
 
 # --------------------------------------------------------------------------- capture

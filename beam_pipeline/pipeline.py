@@ -17,13 +17,16 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import attribution_methods, decode, evaluation, explainers, importance, model_io, sources
+from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
+               model_io, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
-from .schemas import ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, attribution_schema
+from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
+                      SWEEP_MAPS_SCHEMA, SWEEP_SCHEMA, attribution_schema)
 
 LOG = logging.getLogger("xai_audit")
 ERRORS = "errors"
+SWEEP, SWEEP_MAPS = "sweep", "sweep_maps"
 NAMESPACE = "xai_audit"
 
 
@@ -46,6 +49,10 @@ class AuditConfig:
     methods: List[str] = field(default_factory=lambda: ["gradcam"])
     method_options: Dict[str, Any] = field(default_factory=dict)  # see make_method
     map_size: int = 56  # input-resolution maps are pooled to at most this size
+    sweep: bool = False  # --layer all: Grad-CAM at every 4-D layer, one backward pass per batch
+    sweep_layer_names: List[str] = field(default_factory=list)
+    faithfulness_sample: int = 0  # about this many examples get deletion/insertion AUCs
+    sanity_sample: int = 0  # examples for the model-parameter randomization test
     permutation_features: List[Any] = field(default_factory=list)  # importance.Feature
     permutation_repeats: int = 3
     shard_size: int = 256
@@ -150,13 +157,31 @@ def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
         model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
         classifier = explainers.Classifier(model, info.head)
         layer = model_io.find_layer(model, cfg.layer) if "gradcam" in cfg.methods else None
-        return {name: attribution_methods.make_method(
-                    name, classifier, _input_shape(cfg), layer, cfg.method_options)
-                for name in cfg.methods}
+        methods = {name: attribution_methods.make_method(
+                       name, classifier, _input_shape(cfg), layer, cfg.method_options)
+                   for name in cfg.methods if not (cfg.sweep and name == "gradcam")}
+        if cfg.sweep and "gradcam" in cfg.methods:
+            swept = [(n, l) for n, l in layer_sweep.sweep_layers(model)
+                     if n in cfg.sweep_layer_names]
+            methods = {"gradcam": SweepAsGradCAM(layer_sweep.GradCAMSweep(
+                classifier, swept, _input_shape(cfg)), cfg.layer), **methods}
+        return methods
 
-    key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.layer,
+    key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.layer, cfg.sweep,
            _input_shape(cfg), tuple(cfg.methods), tuple(sorted(cfg.method_options.items())))
     return _shared(key, build)
+
+
+class SweepAsGradCAM:
+    """The layer sweep in Grad-CAM's place: ``maps`` is the Grad-CAM of ``--layer``'s layer
+    (auto: the last 4-D layer), ``sweep_maps`` every layer's; one backward pass gives both."""
+
+    def __init__(self, sweep: "layer_sweep.GradCAMSweep", layer: str):
+        self.sweep, self.layer = sweep, layer
+
+    def __call__(self, images, targets):
+        out = self.sweep(images, targets)
+        return {**out, "maps": out["maps"][self.layer], "sweep_maps": out["maps"]}
 
 
 def shared_predictor(cfg: AuditConfig) -> explainers.Predictor:
@@ -187,6 +212,7 @@ class ExplainBatches(beam.DoFn):
 
     def setup(self):
         self.explainers = shared_explainers(self.config)
+        self.predictor = shared_predictor(self.config) if self.config.faithfulness_sample else None
         self.progress = ProgressLog(self.config.progress_every_s)
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
@@ -197,8 +223,9 @@ class ExplainBatches(beam.DoFn):
             return [ex.label for ex in batch]
         return [int(target)] * len(batch)
 
-    def process(self, batch: List[DecodedExample]):
+    def process(self, batch: List[DecodedExample], total: int = 0):
         start = time.perf_counter()
+        self.sample_rate = self.config.faithfulness_sample / total if total else 0.0
         targets = self._targets(batch)
         ready = []
         for example, target in zip(batch, targets):
@@ -209,7 +236,10 @@ class ExplainBatches(beam.DoFn):
                     "--target label needs a label, and this example has none."))
             else:
                 ready.append((example, target))
-        for result in self._explain(ready):
+        rows, outs = self._explain(ready)
+        if outs and "sweep_maps" in outs.get("gradcam", {}):
+            yield from self._sweep_outputs([ex for ex, _ in ready], outs["gradcam"]["sweep_maps"])
+        for result in rows:
             if result.get("error_type"):
                 self.failed.inc()
                 yield beam.pvalue.TaggedOutput(ERRORS, result)
@@ -220,21 +250,60 @@ class ExplainBatches(beam.DoFn):
         self.msecs.update(int((time.perf_counter() - start) * 1000))
         self.progress.add(len(batch))
 
-    def _explain(self, items) -> Iterable[dict]:
+    def _explain(self, items):
+        """(rows, the methods' outputs); on a failing batch, each example alone (no outputs)."""
         if not items:
-            return []
+            return [], None
         images = np.stack([ex.image for ex, _ in items])
         targets = np.array([t for _, t in items], np.int32)
         try:
             outs = {name: method(images, targets) for name, method in self.explainers.items()}
+            self._add_faithfulness([ex for ex, _ in items], images, outs)
         except Exception as exc:
             if len(items) == 1:
                 ex = items[0][0]
                 return [error_row(ex.example_id, ex.source, "explain", "explain_failed",
-                                  f"{type(exc).__name__}: {exc}")]
+                                  f"{type(exc).__name__}: {exc}")], None
             # Isolate the example that breaks the batch; the others still get audited.
-            return [row for item in items for row in self._explain([item])]
-        return self._rows([ex for ex, _ in items], outs)
+            return [row for item in items for row in self._explain([item])[0]], None
+        return self._rows([ex for ex, _ in items], outs), outs
+
+    def _in_sample(self, example: DecodedExample) -> bool:
+        return quality.sample_key(example.example_id, self.config.seed) < self.sample_rate
+
+    def _add_faithfulness(self, examples, images, outs) -> None:
+        """Deletion / insertion AUCs of every method for the batch's sampled examples."""
+        sampled = [i for i, ex in enumerate(examples) if self._in_sample(ex)]
+        if not sampled:
+            return
+        for out in outs.values():
+            deletion, insertion = quality.deletion_insertion(
+                self.predictor, images[sampled], out["maps"][sampled],
+                out["target_class"][sampled], batch_size=self.config.batch_size)
+            out["deletion_auc"] = {i: float(d) for i, d in zip(sampled, deletion)}
+            out["insertion_auc"] = {i: float(v) for i, v in zip(sampled, insertion)}
+
+    def _sweep_outputs(self, examples: List[DecodedExample], sweep_maps: Dict[str, np.ndarray]):
+        """Per-layer localization counters (overall and per slice value), and every layer's
+        map for the sampled examples."""
+        if self.config.source.has_masks:
+            groups = {"overall": list(range(len(examples)))}
+            for column in self.config.source.slice_types:
+                for i, ex in enumerate(examples):
+                    groups.setdefault(f"{column}={ex.slices.get(column)}", []).append(i)
+            for group, idx in groups.items():
+                counters = layer_sweep.localization_by_layer(
+                    {layer: maps[idx] for layer, maps in sweep_maps.items()},
+                    [examples[i].mask for i in idx])
+                for layer, values in counters.items():
+                    yield beam.pvalue.TaggedOutput(SWEEP, ((group, layer), values))
+        for i, ex in enumerate(examples):
+            if self._in_sample(ex):
+                for layer, maps in sweep_maps.items():
+                    yield beam.pvalue.TaggedOutput(SWEEP_MAPS, {
+                        "example_id": ex.example_id, "layer": layer,
+                        "map": maps[i].astype(np.float32).ravel().tolist(),
+                        "shape": list(maps[i].shape)})
 
     def _method_columns(self, name: str, out: Dict[str, np.ndarray],
                         masks: List[Optional[np.ndarray]]) -> List[dict]:
@@ -251,6 +320,11 @@ class ExplainBatches(beam.DoFn):
         if "completeness_gap" in out:
             for col, gap in zip(columns, out["completeness_gap"]):
                 col["ig_completeness_gap"] = None if np.isnan(gap) else float(gap)
+        for key, column in (("deletion_auc", f"{name}_deletion_auc"),
+                            ("insertion_auc", f"{name}_insertion_auc")):
+            if self.config.faithfulness_sample:
+                for i, col in enumerate(columns):
+                    col[column] = out.get(key, {}).get(i)
         if self.config.source.has_masks:
             energies, hits, areas = explainers.mask_agreement(maps, masks)
             ious = explainers.mask_iou(maps, masks)
@@ -283,6 +357,37 @@ class ExplainBatches(beam.DoFn):
             row.update(ex.slices)
             rows.append(row)
         return rows
+
+
+class SanityCheck(beam.DoFn):
+    """The sampled examples → model-parameter randomization rows per method (Adebayo et al.)."""
+
+    CHECKPOINTS = 6  # maps are recomputed at this many depths (plus the fully random model)
+
+    def __init__(self, config: AuditConfig):
+        self.config = config
+
+    def process(self, examples: List[DecodedExample]):
+        cfg = self.config
+        model, _ = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        examples = sorted(examples, key=lambda ex: ex.example_id)
+        images = np.stack([ex.image for ex in examples]) if examples else None
+        targets = np.full(len(examples), explainers.PREDICTED, np.int32)
+        layers = [name for name, _ in quality.parameterized_layers(model)]
+        step = max(1, len(layers) // self.CHECKPOINTS)
+        checkpoints = layers[step - 1::step]
+        for name in cfg.methods if examples else []:
+            def make(classifier, name=name):
+                layer = (model_io.find_layer(classifier.model, cfg.layer)
+                         if name == "gradcam" else None)
+                return attribution_methods.make_method(
+                    name, classifier, _input_shape(cfg), layer, cfg.method_options)
+
+            rows = quality.cascading_randomization(model, make, images, targets, cfg.seed,
+                                                   layers=checkpoints, batch_size=cfg.batch_size)
+            flagged = quality.flag_insensitive(rows)
+            for row in rows:
+                yield {"method": name, **row, "flagged": flagged}
 
 
 class ShardImportance(beam.DoFn):
@@ -360,6 +465,44 @@ class PermutationImportance(beam.PTransform):
         )
 
 
+class LayerSweepTable(beam.PTransform):
+    """Per-batch localization counters → layer_sweep.parquet: per (slice, layer) means."""
+
+    def __init__(self, config: AuditConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, counters):
+        depth = {name: i for i, name in enumerate(self.config.sweep_layer_names)}
+
+        def to_row(key, summed):
+            group, layer = key
+            means = layer_sweep.localization_means({layer: summed})[layer]
+            return {"layer": layer, "depth": depth.get(layer), "slice": group,
+                    **{k: _finite(v) for k, v in means.items()}}
+
+        return (
+            counters
+            | "SumCounters" >> beam.CombinePerKey(_add_counters)
+            | "ToRows" >> beam.MapTuple(to_row)
+            | "WriteSweep" >> beam.io.WriteToParquet(
+                output_path(self.config.output, "layer_sweep"), SWEEP_SCHEMA,
+                file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+        )
+
+
+def _add_counters(values):
+    total: Dict[str, float] = {}
+    for value in values:
+        for key, number in value.items():
+            total[key] = total.get(key, 0) + number
+    return total
+
+
+def _finite(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def output_path(output: str, *parts: str) -> str:
     return FileSystems.join(output.rstrip("/"), *parts)
 
@@ -386,14 +529,37 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         | "SpreadExamples" >> beam.Reshuffle()
         | "Decode" >> beam.ParDo(DecodeExamples(config)).with_outputs(ERRORS, main="examples")
     )
+    sampling = config.faithfulness_sample or config.sanity_sample
+    total = (beam.pvalue.AsSingleton(
+        decoded.examples | "CountExamples" >> beam.combiners.Count.Globally())
+        if sampling else 0)
     explained = (
         decoded.examples
         | "Batch" >> beam.BatchElements(
             min_batch_size=config.batch_size, max_batch_size=config.batch_size
         )
-        | "Explain" >> beam.ParDo(ExplainBatches(config)).with_outputs(ERRORS, main="rows")
+        | "Explain" >> beam.ParDo(ExplainBatches(config), total).with_outputs(
+            ERRORS, SWEEP, SWEEP_MAPS, main="rows")
     )
-    schema = attribution_schema(spec.slice_types, spec.has_masks, config.methods)
+    if config.sweep:
+        _ = explained[SWEEP] | "LayerSweep" >> LayerSweepTable(config)
+        _ = explained[SWEEP_MAPS] | "WriteSweepMaps" >> beam.io.WriteToParquet(
+            output_path(config.output, "layer_sweep_maps"), SWEEP_MAPS_SCHEMA,
+            file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+    if config.sanity_sample:
+        _ = (
+            decoded.examples
+            | "SanitySample" >> beam.Filter(
+                lambda ex, n: n and quality.sample_key(ex.example_id, config.seed)
+                < config.sanity_sample / n, total)
+            | "SanityBatch" >> beam.combiners.ToList()
+            | "Sanity" >> beam.ParDo(SanityCheck(config))
+            | "WriteSanity" >> beam.io.WriteToParquet(
+                output_path(config.output, "sanity"), SANITY_SCHEMA,
+                file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+        )
+    schema = attribution_schema(spec.slice_types, spec.has_masks, config.methods,
+                                bool(config.faithfulness_sample))
     if config.permutation_features:
         _ = decoded.examples | "Importance" >> PermutationImportance(config)
     if config.eval_config is not None:

@@ -19,7 +19,7 @@ _SLICE_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()
 
 
 def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
-                       methods: Sequence[str] = ("gradcam",)):
+                       methods: Sequence[str] = ("gradcam",), faithfulness: bool = False):
     fields = [
         ("example_id", pa.string()),
         ("label", pa.int64()),
@@ -33,6 +33,9 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
             fields.append(("gradcam_layer", pa.string()))
         if method == "integrated_gradients":
             fields.append(("ig_completeness_gap", pa.float32()))
+        if faithfulness:  # on the seeded sample only; null elsewhere
+            fields += [(f"{method}_deletion_auc", pa.float32()),
+                       (f"{method}_insertion_auc", pa.float32())]
         if has_masks:
             fields += [
                 (f"{method}_mask_energy", pa.float32()),
@@ -81,5 +84,39 @@ IMPORTANCE_SUMMARY_SCHEMA = pa.schema(
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
         ("n", pa.int64()),
+    ]
+)
+
+SWEEP_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("depth", pa.int32()),  # position among the swept layers, input side first
+        ("slice", pa.string()),  # "overall" or "column=value"
+        ("energy", pa.float64()),  # mean share of the map's mass on the mask
+        ("area", pa.float64()),  # mean mask share of the image: a uniform map's energy
+        ("pointing_game", pa.float64()),  # share of examples whose map peaks on the mask
+        ("n", pa.int64()),  # examples with a mask and a non-zero map
+        ("empty", pa.int64()),  # examples with a mask whose map is all zero
+    ]
+)
+
+SWEEP_MAPS_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("layer", pa.string()),
+        ("map", pa.list_(pa.float32())),
+        ("shape", pa.list_(pa.int32())),
+    ]
+)
+
+SANITY_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("step", pa.int32()),
+        ("randomized_up_to", pa.string()),
+        ("spearman_mean", pa.float64()),
+        ("spearman_std", pa.float64()),
+        ("examples", pa.int64()),
+        ("flagged", pa.bool_()),  # the maps barely change when the model is randomized
     ]
 )

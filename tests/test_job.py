@@ -321,3 +321,46 @@ def test_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "xai-audit: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_method_with_layer_sweep_faithfulness_and_sanity(tmp_path, rng, saved_model):
+    """The methods, the sweep and the quality measures through the real job, on a model with a
+    global-average-pooling head (so CAM applies)."""
+    manifest = make_manifest(str(tmp_path / "all"), rng, n=10)
+    out = tmp_path / "out"
+    code = run_cli("run", "--model", saved_model, "--data", manifest, "--output", out,
+                   "--methods", "gradcam,cam,saliency,smoothgrad,integrated_gradients",
+                   "--layer", "all", "--ig-steps", "16", "--smoothgrad-samples", "4",
+                   "--faithfulness-sample", "4", "--sanity-sample", "4", "--map-size", "8",
+                   "--tfma-config", "none", "--permutation-features", "none")
+    assert code == 0
+    attributions, errors, run = read_outputs(out)
+    assert errors.empty and len(attributions) == 10
+    for method in ("gradcam", "cam", "saliency", "smoothgrad", "integrated_gradients"):
+        for suffix in ("", "_shape", "_mask_energy", "_pointing_hit", "_iou", "_deletion_auc",
+                       "_insertion_auc"):
+            assert f"{method}{suffix}" in attributions.columns
+    # Input-resolution maps are pooled to --map-size; conv-resolution maps are kept.
+    assert list(attributions.saliency_shape[0]) == [8, 8]
+    assert list(attributions.gradcam_shape[0]) == [14, 14]
+    # CAM is Grad-CAM times h·w on this conv → GAP → dense model.
+    cam = np.stack(attributions.cam.map(np.array))
+    gradcam = np.stack(attributions.gradcam.map(np.array))
+    np.testing.assert_allclose(cam, gradcam * 14 * 14, rtol=1e-3, atol=1e-5)
+    assert attributions.ig_completeness_gap.dropna().between(0, 1).all()
+    sampled = attributions.gradcam_deletion_auc.notna()
+    assert 0 < sampled.sum() < 10
+    assert (attributions.cam_insertion_auc.notna() == sampled).all()
+
+    sweep = pd.read_parquet(out / "layer_sweep.parquet")
+    assert set(sweep.layer) == {"conv"} and {"overall", "site=s0", "site=s1"} <= set(sweep.slice)
+    overall = sweep[sweep.slice == "overall"].iloc[0]
+    assert overall.n + overall.empty == 10
+    maps = pd.read_parquet(out / "layer_sweep_maps.parquet")
+    assert set(maps.example_id) == set(attributions.example_id[sampled])
+
+    sanity = pd.read_parquet(out / "sanity.parquet")
+    assert set(sanity.method) == {"gradcam", "cam", "saliency", "smoothgrad",
+                                  "integrated_gradients"}
+    assert set(run["quality"]["sanity"]) == set(sanity.method)
+    assert run["quality"]["layer_sweep"]["layers"] == 1
