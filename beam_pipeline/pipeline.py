@@ -370,6 +370,12 @@ class SanityCheck(beam.DoFn):
     def process(self, examples: List[DecodedExample]):
         cfg = self.config
         model, _ = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        if cfg.unsafe_deserialization:
+            import keras
+
+            # The randomized copy is rebuilt from the model's config, Lambda layers included:
+            # the user opted in for this model.
+            keras.config.enable_unsafe_deserialization()
         examples = sorted(examples, key=lambda ex: ex.example_id)
         images = np.stack([ex.image for ex in examples]) if examples else None
         targets = np.full(len(examples), explainers.PREDICTED, np.int32)

@@ -18,7 +18,8 @@ from beam_pipeline import cli, decode
 from conftest import IMAGE_SIZE, conv_activations, gap_model, make_manifest, png_bytes, random_image
 
 BASE_COLUMNS = {"example_id", "label", "predicted_class", "probabilities", "target_class",
-                "gradcam", "gradcam_shape", "gradcam_layer"}
+                "gradcam", "gradcam_shape", "gradcam_layer",
+                "gradcam_deletion_auc", "gradcam_insertion_auc"}  # faithfulness: sampled rows
 MASK_COLUMNS = {"gradcam_mask_energy", "gradcam_pointing_hit", "gradcam_iou", "mask_area"}
 
 
