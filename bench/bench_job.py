@@ -72,7 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the job's INFO log")
     parser.add_argument("--full", action="store_true",
-                        help="run the job with its TFMA evaluation and permutation importance too")
+                        help="run the job with its TFMA evaluation, permutation importance, "
+                             "faithfulness and sanity checks too")
     args, beam_args = parser.parse_known_args(argv)
     if args.image_size is None:
         args.image_size = DEFAULT_SIZE[args.model]
@@ -194,7 +195,8 @@ def measure_job(model_path: str, manifest: str, output: str, batch_size: int, be
 
     # The Grad-CAM job (issue 2's target); --full adds TFMA and permutation importance, which do
     # work the bare function does not.
-    extra = {} if full else {"tfma_config": "none", "permutation_features": "none"}
+    extra = {} if full else {"tfma_config": "none", "permutation_features": "none",
+                             "faithfulness_sample": 0, "sanity_sample": 0}
     req = AuditRequest(model=model_path, data=manifest, output=output, batch_size=batch_size,
                        **extra)
     clear_shared_models()  # every round pays for its own model load and trace, as a fresh job does
