@@ -5,6 +5,7 @@ it never travels in the pipeline graph) and call the pure functions of ``sources
 and ``explainers``. Every example leaves as exactly one attribution row or one error row.
 """
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -359,6 +360,13 @@ class ExplainBatches(beam.DoFn):
         return rows
 
 
+def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifier):
+    """The ``name`` explainer on a (randomized) copy of the model."""
+    layer = model_io.find_layer(classifier.model, cfg.layer) if name == "gradcam" else None
+    return attribution_methods.make_method(name, classifier, _input_shape(cfg), layer,
+                                           cfg.method_options)
+
+
 class SanityCheck(beam.DoFn):
     """The sampled examples → model-parameter randomization rows per method (Adebayo et al.)."""
 
@@ -383,14 +391,9 @@ class SanityCheck(beam.DoFn):
         step = max(1, len(layers) // self.CHECKPOINTS)
         checkpoints = layers[step - 1::step]
         for name in cfg.methods if examples else []:
-            def make(classifier, name=name):
-                layer = (model_io.find_layer(classifier.model, cfg.layer)
-                         if name == "gradcam" else None)
-                return attribution_methods.make_method(
-                    name, classifier, _input_shape(cfg), layer, cfg.method_options)
-
-            rows = quality.cascading_randomization(model, make, images, targets, cfg.seed,
-                                                   layers=checkpoints, batch_size=cfg.batch_size)
+            rows = quality.cascading_randomization(
+                model, functools.partial(_method_on_copy, cfg, name), images, targets, cfg.seed,
+                layers=checkpoints, batch_size=cfg.batch_size)
             flagged = quality.flag_insensitive(rows)
             for row in rows:
                 yield {"method": name, **row, "flagged": flagged}
