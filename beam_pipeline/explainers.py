@@ -205,51 +205,47 @@ class GradCAM(Attribution):
         return {"probabilities": probabilities, "target_class": targets, "maps": maps}
 
 
-def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
-    """Per example: share of the map's mass inside the mask, whether the map's maximum is in it,
-    and the mask's share of the image (what the mass share would be for a uniform map).
+def mask_metrics(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
+    """Per example, from one bilinear upsampling of the map to the mask's resolution:
 
-    The map is upsampled bilinearly to the mask's resolution first. Returns three lists with None
-    where there is no mask; the first two are None too where the map is all zero (no attention
-    to place).
+    * energy: share of the (ReLU'd) map's mass inside the mask;
+    * hit: whether the map's maximum lies in the mask (pointing game);
+    * area: the mask's share of the image (what the energy would be for a uniform map);
+    * iou: IoU with the mask of the map's top region, as many of the highest-attribution pixels
+      as the mask has (a map that picks out exactly the mask scores 1).
+
+    Four lists with None where there is no mask; energy, hit and iou are None too where the map
+    is all zero (no attention to place), iou also where the mask is empty.
     """
-    energies: List[Optional[float]] = [None] * len(masks)
-    hits: List[Optional[bool]] = [None] * len(masks)
-    areas: List[Optional[float]] = [None] * len(masks)
+    n = len(masks)
+    energies, hits, areas, ious = [None] * n, [None] * n, [None] * n, [None] * n
     with_mask = [i for i, m in enumerate(masks) if m is not None]
     if not with_mask:
-        return energies, hits, areas
+        return energies, hits, areas, ious
     height, width = masks[with_mask[0]].shape
     up = tf.image.resize(maps[with_mask][..., None].astype(np.float32), (height, width),
                          method="bilinear").numpy()[..., 0]
-    up = np.maximum(up, 0.0)
     for row, i in enumerate(with_mask):
         mask = masks[i].astype(bool)
         areas[i] = float(mask.mean())
-        total = float(up[row].sum())
+        positive = np.maximum(up[row], 0.0)
+        total = float(positive.sum())
         if total <= 0.0:
             continue
-        energies[i] = float(up[row][mask].sum() / total)
-        hits[i] = bool(mask.flat[int(np.argmax(up[row]))])
-    return energies, hits, areas
+        energies[i] = float(positive[mask].sum() / total)
+        hits[i] = bool(mask.flat[int(np.argmax(positive))])
+        if mask.any():
+            top = np.zeros(mask.size, bool)
+            top[np.argsort(-up[row].ravel(), kind="stable")[: int(mask.sum())]] = True
+            ious[i] = float((top & mask.ravel()).sum() / (top | mask.ravel()).sum())
+    return energies, hits, areas, ious
+
+
+def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
+    """(energies, hits, areas) of ``mask_metrics``."""
+    return mask_metrics(maps, masks)[:3]
 
 
 def mask_iou(maps: np.ndarray, masks: List[Optional[np.ndarray]]) -> List[Optional[float]]:
-    """Per example: IoU of the map's top region with the mask, the top region being as many of
-    the highest-attribution pixels as the mask has (so a map that picks out exactly the mask
-    scores 1). None where there is no mask, the mask is empty, or the map is all zero."""
-    ious: List[Optional[float]] = [None] * len(masks)
-    with_mask = [i for i, m in enumerate(masks) if m is not None and m.any()]
-    if not with_mask:
-        return ious
-    height, width = masks[with_mask[0]].shape
-    up = tf.image.resize(maps[with_mask][..., None].astype(np.float32), (height, width),
-                         method="bilinear").numpy()[..., 0]
-    for row, i in enumerate(with_mask):
-        if not np.any(up[row] > 0):
-            continue
-        mask = masks[i].astype(bool).ravel()
-        top = np.zeros(mask.size, bool)
-        top[np.argsort(-up[row].ravel(), kind="stable")[: int(mask.sum())]] = True
-        ious[i] = float((top & mask).sum() / (top | mask).sum())
-    return ious
+    """The ``iou`` of ``mask_metrics``."""
+    return mask_metrics(maps, masks)[3]

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -327,8 +327,7 @@ class ExplainBatches(beam.DoFn):
                 for i, col in enumerate(columns):
                     col[column] = out.get(key, {}).get(i)
         if self.config.source.has_masks:
-            energies, hits, areas = explainers.mask_agreement(maps, masks)
-            ious = explainers.mask_iou(maps, masks)
+            energies, hits, areas, ious = explainers.mask_metrics(maps, masks)
             for i, col in enumerate(columns):
                 col.update({f"{name}_mask_energy": energies[i], f"{name}_pointing_hit": hits[i],
                             f"{name}_iou": ious[i], "mask_area": areas[i]})

@@ -17,7 +17,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -474,5 +473,3 @@ def _read_or_fail(path: str, what: str) -> bytes:
         detail = "could not be read" if exists else "does not exist"
         raise ExampleError("read", error_type, f"The {what} file {path} {detail} ({type(exc).__name__}).") from None
 
-
-ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
