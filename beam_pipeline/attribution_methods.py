@@ -37,7 +37,8 @@ from .explainers import Attribution, Classifier, LayerCapture
 DEFAULT_MAP_SIZE = 56
 BASELINES = ("black", "uniform", "blur")
 # Methods that need nothing of the architecture but differentiability (for CAM's refusal).
-ANY_MODEL_METHODS = ("gradcam", "saliency", "smoothgrad", "integrated_gradients")
+ANY_MODEL_METHODS = ("gradcam", "gradcam_plus_plus", "saliency", "smoothgrad",
+                     "integrated_gradients")
 
 # Layers that are the identity at inference, allowed between the pooling and the Dense for CAM.
 _INFERENCE_IDENTITIES = (
@@ -380,19 +381,22 @@ def pool_map(maps: np.ndarray, size: int = DEFAULT_MAP_SIZE) -> np.ndarray:
 
 
 INPUT_RESOLUTION_METHODS = ("saliency", "smoothgrad", "integrated_gradients")
-ALL_METHODS = ("gradcam", "cam", "saliency", "smoothgrad", "integrated_gradients")
+LAYER_METHODS = ("gradcam", "gradcam_plus_plus")  # explain the --layer feature map
+ALL_METHODS = ("gradcam", "gradcam_plus_plus", "cam", "saliency", "smoothgrad",
+               "integrated_gradients")
 
 
 def make_method(name: str, classifier: Classifier, input_shape: Sequence[int], gradcam_layer,
                 options: dict) -> Attribution:
     """The explainer ``--methods`` names, configured from the run's ``options``
     (gradcam_activation, smoothgrad_samples, smoothgrad_sigma, ig_steps, ig_baseline, seed)."""
-    from .explainers import GradCAM
+    from .explainers import GradCAM, GradCAMPlusPlus
 
-    if name == "gradcam":
+    if name in LAYER_METHODS:
         layer_name, layer = gradcam_layer
-        return GradCAM(classifier, layer, layer_name, input_shape,
-                       activation=options.get("gradcam_activation", "relu"))
+        kind = GradCAM if name == "gradcam" else GradCAMPlusPlus
+        return kind(classifier, layer, layer_name, input_shape,
+                    activation=options.get("gradcam_activation", "relu"))
     if name == "cam":
         return CAM(classifier, input_shape)
     if name == "saliency":

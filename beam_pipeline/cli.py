@@ -50,7 +50,7 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
                      help="pixel scaling the model expects [unit: /255]")
     run.add_argument("--methods", type=_comma_list, default=["gradcam"],
-                     help="comma list of gradcam, cam, saliency, smoothgrad, "
+                     help="comma list of gradcam, gradcam_plus_plus, cam, saliency, smoothgrad, "
                           "integrated_gradients [gradcam]")
     run.add_argument("--map-size", type=int, default=56,
                      help="input-resolution maps are average-pooled to at most this size [56]")
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", required=True, help="folder for the demo data, model and audit")
     demo.add_argument("--examples", type=int, default=480, help="examples to generate [480]")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, training and audit [0]")
+    demo.add_argument("--pooling", choices=("max", "average"), default="max",
+                      help="the demo model's global pooling: max (sharp Grad-CAM) or average (the "
+                           "head original CAM needs; trains ~2x longer) [max]")
+    demo.add_argument("--methods", type=_comma_list, default=["gradcam"],
+                      help="attribution methods of the demo audit, as for run [gradcam]")
+    demo.add_argument("--layer", default="auto", help="layer(s) of the demo audit, as for run [auto]")
     _add_beam_help(demo)
     return parser
 
@@ -190,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_audit(_request_from_args(args), beam_args)
         from .demo_job import run_demo
 
-        return run_demo(args.output, args.examples, args.seed, beam_args)
+        return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,
+                        methods=args.methods, layer=args.layer)
     except AuditError as exc:
         message = textwrap.fill(str(exc), width=100)
         print(f"xai-audit: error: {message}", file=sys.stderr)

@@ -30,10 +30,11 @@ def _add_truncated_scan(manifest_path: str) -> None:
     pd.concat([frame, pd.DataFrame([row])]).to_csv(manifest_path, index=False)
 
 
-def site_table(attributions: pd.DataFrame, tfma_metrics: dict) -> pd.DataFrame:
-    """Per site: examples, accuracy, TFMA's AUC, and where Grad-CAM looks on lesion scans."""
+def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gradcam"
+               ) -> pd.DataFrame:
+    """Per site: examples, accuracy, TFMA's AUC, and where ``method`` looks on lesion scans."""
     frame = attributions.assign(correct=attributions.label == attributions.predicted_class)
-    lesions = frame[frame.gradcam_mask_energy.notna()]
+    lesions = frame[frame[f"{method}_mask_energy"].notna()]
     sites = sorted(frame.site.unique())
     auc = {s: tfma_metrics.get(f"site={s}", {}).get("auc") for s in sites}
     table = pd.DataFrame({
@@ -41,8 +42,8 @@ def site_table(attributions: pd.DataFrame, tfma_metrics: dict) -> pd.DataFrame:
         "accuracy": frame.groupby("site").correct.mean(),
         "auc": pd.Series({s: v.get("value") if isinstance(v, dict) else v for s, v in auc.items()},
                          dtype=float),
-        "attention_on_lesion": lesions.groupby("site").gradcam_mask_energy.mean(),
-        "pointing_hit_rate": lesions.groupby("site").gradcam_pointing_hit.mean(),
+        "attention_on_lesion": lesions.groupby("site")[f"{method}_mask_energy"].mean(),
+        "pointing_hit_rate": lesions.groupby("site")[f"{method}_pointing_hit"].mean(),
     })
     return table.round(3)
 
@@ -61,7 +62,11 @@ def importance_grid(summary_path: str, metric: str):
     return table.rename(index=lambda r: f"r{r}", columns=lambda c: f"c{c}")
 
 
-def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str]) -> int:
+def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
+             pooling: str = "max", methods: Sequence[str] = ("gradcam",), layer: str = "auto"
+             ) -> int:
+    """Data, model (``pooling``: its global pooling head), and the audit with ``methods`` at
+    ``layer``; prints the story. Returns 0 when the audit ran (its own exit code is in run.json)."""
     if examples < 12:
         raise OptionError("--examples must be at least 12 (four per site and class).")
     if "://" in output:
@@ -70,13 +75,13 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str]) ->
     model_path = os.path.join(output, "demo_model.keras")
     start = time.perf_counter()
     manifest = demo.make_demo_dataset(data_dir, examples, seed)
-    figures = demo.train_demo_model(manifest, model_path, seed)
+    figures = demo.train_demo_model(manifest, model_path, seed, pooling)
     LOG.info("Demo model trained in %.1f s (train accuracy %.3f): %s",
              figures["train_seconds"], figures["train_accuracy"], model_path)
     _add_truncated_scan(manifest)  # after training, which reads every scan
     LOG.info("Demo data: %d scans from 3 sites in %s", examples + 1, data_dir)
     request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed,
-                               max_slice_gap=DEMO_SLICE_GAPS)
+                               max_slice_gap=DEMO_SLICE_GAPS, methods=tuple(methods), layer=layer)
     code = job.run_audit(request, beam_args)
     with open(os.path.join(output, "run.json")) as handle:
         run = json.load(handle)
@@ -87,9 +92,10 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str]) ->
     print(f"  errors:       {os.path.join(output, 'errors')}  ({len(errors)} row(s): "
           f"{', '.join(f'{i} {t}' for i, t in zip(errors.example_id, errors.error_type))})")
     print(f"  run manifest: {os.path.join(output, 'run.json')}")
-    print("\nPer site (auc from TFMA; attention_on_lesion: share of Grad-CAM mass on the lesion "
+    method = "gradcam" if "gradcam" in methods else methods[0]
+    print(f"\nPer site (auc from TFMA; attention_on_lesion: share of {method} mass on the lesion "
           "mask, lesion scans):")
-    print(site_table(attributions, run.get("tfma", {}).get("metrics", {})).to_string())
+    print(site_table(attributions, run.get("tfma", {}).get("metrics", {}), method).to_string())
     print("\nAt site_c the model is right for the wrong reason: it looks at a corner marker, not "
           "the lesion.")
     grid = importance_grid(os.path.join(output, "importance_summary.parquet"), "accuracy")

@@ -205,6 +205,23 @@ class GradCAM(Attribution):
         return {"probabilities": probabilities, "target_class": targets, "maps": maps}
 
 
+class GradCAMPlusPlus(GradCAM):
+    """Grad-CAM++ (Chattopadhay et al. 2018): channel weights Σ_ij a_ij^k ReLU(∂y/∂A_ij^k) with
+    a_ij^k = g² / (2g² + Σ_ab A_ab^k g³), g = ∂y/∂A_ij^k — the closed form for an exponential
+    score, as xplique and pytorch-grad-cam compute it. Positions with a zero gradient get a = 0.
+    Weighs every positive location instead of the spatial mean, so several instances of a class
+    in one image all show up."""
+
+    name = "gradcam_plus_plus"
+
+    def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
+        squared = tf.square(gradients)
+        activation_sums = tf.reduce_sum(activations, axis=(1, 2), keepdims=True)
+        denominator = 2.0 * squared + activation_sums * squared * gradients
+        alphas = tf.math.divide_no_nan(squared, denominator)
+        return tf.reduce_sum(alphas * tf.nn.relu(gradients), axis=(1, 2))
+
+
 def mask_metrics(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
     """Per example, from one bilinear upsampling of the map to the mask's resolution:
 

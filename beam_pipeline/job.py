@@ -156,8 +156,8 @@ def _image_spec(req: AuditRequest, info: model_io.ClassifierInfo) -> decode.Imag
 
 
 def _gradcam_layers(model, req: AuditRequest):
-    """(the layer of the gradcam column, the swept layers or []) for --layer."""
-    if "gradcam" not in req.methods:
+    """(the layer of the gradcam(_plus_plus) columns, the swept layers or []) for --layer."""
+    if not any(m in attribution_methods.LAYER_METHODS for m in req.methods):
         return None, []
     if req.layer == "all":
         return model_io.find_layer(model, "auto")[0], [n for n, _ in layer_sweep.sweep_layers(model)]

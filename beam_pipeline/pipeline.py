@@ -157,7 +157,8 @@ def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
     def build():
         model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
         classifier = explainers.Classifier(model, info.head)
-        layer = model_io.find_layer(model, cfg.layer) if "gradcam" in cfg.methods else None
+        uses_layer = any(m in attribution_methods.LAYER_METHODS for m in cfg.methods)
+        layer = model_io.find_layer(model, cfg.layer) if uses_layer else None
         methods = {name: attribution_methods.make_method(
                        name, classifier, _input_shape(cfg), layer, cfg.method_options)
                    for name in cfg.methods if not (cfg.sweep and name == "gradcam")}
@@ -315,9 +316,9 @@ class ExplainBatches(beam.DoFn):
                    if name in attribution_methods.INPUT_RESOLUTION_METHODS else maps)
         columns = [{name: m.astype(np.float32).ravel().tolist(), f"{name}_shape": list(m.shape)}
                    for m in written]
-        if name == "gradcam":
+        if name in attribution_methods.LAYER_METHODS:
             for col in columns:
-                col["gradcam_layer"] = self.config.layer
+                col[f"{name}_layer"] = self.config.layer
         if "completeness_gap" in out:
             for col, gap in zip(columns, out["completeness_gap"]):
                 col["ig_completeness_gap"] = None if np.isnan(gap) else float(gap)
@@ -361,7 +362,8 @@ class ExplainBatches(beam.DoFn):
 
 def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifier):
     """The ``name`` explainer on a (randomized) copy of the model."""
-    layer = model_io.find_layer(classifier.model, cfg.layer) if name == "gradcam" else None
+    layer = (model_io.find_layer(classifier.model, cfg.layer)
+             if name in attribution_methods.LAYER_METHODS else None)
     return attribution_methods.make_method(name, classifier, _input_shape(cfg), layer,
                                            cfg.method_options)
 

@@ -29,8 +29,8 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
     ]
     for method in methods:
         fields += [(method, pa.list_(pa.float32())), (f"{method}_shape", pa.list_(pa.int32()))]
-        if method == "gradcam":
-            fields.append(("gradcam_layer", pa.string()))
+        if method in ("gradcam", "gradcam_plus_plus"):  # maps at the --layer feature map
+            fields.append((f"{method}_layer", pa.string()))
         if method == "integrated_gradients":
             fields.append(("ig_completeness_gap", pa.float32()))
         if faithfulness:  # on the seeded sample only; null elsewhere

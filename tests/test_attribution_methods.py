@@ -134,7 +134,8 @@ def _refused_models():
 
 @pytest.mark.parametrize("case,model", list(_refused_models()))
 def test_cam_refuses_other_architectures_and_names_the_alternatives(case, model):
-    with pytest.raises(OptionError, match="gradcam, saliency, smoothgrad, integrated_gradients"):
+    with pytest.raises(OptionError, match="gradcam, gradcam_plus_plus, saliency, smoothgrad, "
+                                          "integrated_gradients"):
         am.CAM(_classifier(model), _shape(model))
 
 
@@ -332,12 +333,15 @@ def test_every_method_shares_the_contract_and_traces_once(classes, activation):
     model = smooth_model(num_classes=classes, activation=activation, seed=24)
     classifier = _classifier(model)
     shape = _shape(model)
-    methods = [am.CAM(classifier, shape), am.Saliency(classifier, shape),
+    name, layer = model_io.find_layer(model, "auto")
+    methods = [explainers.GradCAMPlusPlus(classifier, layer, name, shape),
+               am.CAM(classifier, shape), am.Saliency(classifier, shape),
                am.SmoothGrad(classifier, shape, samples=4, samples_per_pass=3),
                am.IntegratedGradients(classifier, shape, steps=8, steps_per_pass=5)]
-    assert [m.name for m in methods] == ["cam", "saliency", "smoothgrad", "integrated_gradients"]
-    # CAM: conv2's 4×4 map; the rest: the input's 8×8.
-    map_sizes = [(4, 4)] + [(SMOOTH_SIZE, SMOOTH_SIZE)] * 3
+    assert [m.name for m in methods] == ["gradcam_plus_plus", "cam", "saliency", "smoothgrad",
+                                         "integrated_gradients"]
+    # Grad-CAM++ and CAM: conv2's 4×4 map; the rest: the input's 8×8.
+    map_sizes = [(4, 4)] * 2 + [(SMOOTH_SIZE, SMOOTH_SIZE)] * 3
     reference = None
     for method, map_size in zip(methods, map_sizes):
         for n in (3, 1):
@@ -375,3 +379,15 @@ def test_pool_map_averages_down_and_leaves_small_maps():
     small = np.ones((1, 7, 7), np.float32)
     assert am.pool_map(small) is not None and am.pool_map(small).shape == (1, 7, 7)
     assert am.pool_map(np.ones((1, 100, 20), np.float32), size=56).shape == (1, 56, 20)
+
+
+# --------------------------------------------------------------------------- the demo's heads
+
+
+def test_cam_applies_to_the_average_pooling_demo_model_only():
+    from beam_pipeline import demo
+
+    feature_name, _, dense = am.cam_layers(demo.build_demo_model("average"))
+    assert (feature_name, dense.name) == ("conv4", "predictions")
+    with pytest.raises(OptionError, match="global average pooling"):
+        am.cam_layers(demo.build_demo_model("max"))

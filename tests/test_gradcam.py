@@ -46,6 +46,30 @@ def test_gradcam_matches_closed_form_for_gap_dense_softmax():
     assert info.head == "softmax" and info.num_classes == 3
 
 
+def test_gradcam_plus_plus_matches_closed_form_for_gap_dense():
+    """With GAP → dense, ∂y/∂A_ij^k = w_k/(hw) =: g_k everywhere, so Grad-CAM++'s
+    a^k = g²/(2g² + S_k g³) = 1/(2 + S_k g_k) (S_k = Σ_ij A_ij^k) and its channel weight is
+    hw·ReLU(g_k)/(2 + S_k g_k): unlike Grad-CAM, negative evidence channels get weight 0."""
+    model = gap_model(num_classes=3)
+    images = _images()
+    acts = conv_activations(model, images)
+    weights = model.get_layer("head").kernel.numpy()
+    name, layer = model_io.find_layer(model, "auto")
+    info = model_io.prepare_classifier(model)
+    explainer = explainers.GradCAMPlusPlus(explainers.Classifier(model, info.head), layer, name,
+                                           model.inputs[0].shape[1:])
+    targets = np.array([0, 1, 2, 0, 1], np.int32)
+    out = explainer(images, targets)
+    h, w = acts.shape[1:3]
+    g = weights[:, targets].T / (h * w)  # [B, K]
+    sums = acts.sum(axis=(1, 2))
+    channel_weights = h * w * np.maximum(g, 0) / (2 + sums * g)
+    expected = np.maximum(np.einsum("bhwk,bk->bhw", acts, channel_weights), 0)
+    assert np.any(weights < 0)  # the case where Grad-CAM++ and Grad-CAM differ
+    np.testing.assert_allclose(out["maps"], expected, rtol=1e-4, atol=1e-7)
+    assert explainer.name == "gradcam_plus_plus" and explainer.tracing_count() == 1
+
+
 def test_gradcam_uses_logit_not_softmax_probability():
     """The softmax head is switched to its logit: maps equal those of the same net with a linear
     head, and differ from the gradient of the probability."""

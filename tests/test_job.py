@@ -330,20 +330,24 @@ def test_every_method_with_layer_sweep_faithfulness_and_sanity(tmp_path, rng, sa
     manifest = make_manifest(str(tmp_path / "all"), rng, n=10)
     out = tmp_path / "out"
     code = run_cli("run", "--model", saved_model, "--data", manifest, "--output", out,
-                   "--methods", "gradcam,cam,saliency,smoothgrad,integrated_gradients",
-                   "--layer", "all", "--ig-steps", "16", "--smoothgrad-samples", "4",
+                   "--methods", "gradcam,gradcam_plus_plus,cam,saliency,smoothgrad,"
+                   "integrated_gradients", "--layer", "all", "--ig-steps", "16", "--smoothgrad-samples", "4",
                    "--faithfulness-sample", "4", "--sanity-sample", "4", "--map-size", "8",
                    "--tfma-config", "none", "--permutation-features", "none")
     assert code == 0
     attributions, errors, run = read_outputs(out)
     assert errors.empty and len(attributions) == 10
-    for method in ("gradcam", "cam", "saliency", "smoothgrad", "integrated_gradients"):
+    methods = ("gradcam", "gradcam_plus_plus", "cam", "saliency", "smoothgrad",
+               "integrated_gradients")
+    for method in methods:
         for suffix in ("", "_shape", "_mask_energy", "_pointing_hit", "_iou", "_deletion_auc",
                        "_insertion_auc"):
             assert f"{method}{suffix}" in attributions.columns
     # Input-resolution maps are pooled to --map-size; conv-resolution maps are kept.
     assert list(attributions.saliency_shape[0]) == [8, 8]
     assert list(attributions.gradcam_shape[0]) == [14, 14]
+    assert list(attributions.gradcam_plus_plus_shape[0]) == [14, 14]
+    assert set(attributions.gradcam_plus_plus_layer) == set(attributions.gradcam_layer) == {"conv"}
     # CAM is Grad-CAM times h·w on this conv → GAP → dense model.
     cam = np.stack(attributions.cam.map(np.array))
     gradcam = np.stack(attributions.gradcam.map(np.array))
@@ -361,7 +365,6 @@ def test_every_method_with_layer_sweep_faithfulness_and_sanity(tmp_path, rng, sa
     assert set(maps.example_id) == set(attributions.example_id[sampled])
 
     sanity = pd.read_parquet(out / "sanity.parquet")
-    assert set(sanity.method) == {"gradcam", "cam", "saliency", "smoothgrad",
-                                  "integrated_gradients"}
+    assert set(sanity.method) == set(methods)
     assert set(run["quality"]["sanity"]) == set(sanity.method)
     assert run["quality"]["layer_sweep"]["layers"] == 1
