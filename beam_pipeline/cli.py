@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"xai-audit {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,report}")
     run = commands.add_parser("run", help="audit a model on a dataset", allow_abbrev=False)
     _add_run_options(run)
     _add_beam_help(run)
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples", type=int, default=480, help="examples to generate [480]")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, training and audit [0]")
     _add_beam_help(demo)
+    report = commands.add_parser(
+        "report", help="re-render DIR/report/ (index.html, summary.json) from the files in DIR",
+        allow_abbrev=False)
+    report.add_argument("dir", metavar="DIR", help="the --output folder of a finished run")
     return parser
 
 
@@ -188,6 +192,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .job import run_audit
 
             return run_audit(_request_from_args(args), beam_args)
+        if args.command == "report":
+            if beam_args:
+                parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+            from .report import write_report
+
+            print(write_report(args.dir))
+            return 0
         from .demo_job import run_demo
 
         return run_demo(args.output, args.examples, args.seed, beam_args)
