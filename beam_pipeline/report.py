@@ -26,7 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from . import report_gallery, report_plots, report_summary, report_text, runinfo
 from .errors import AuditError
-from .report_summary import METHOD_NAMES, SliceStats, _exists, _path
+from .report_summary import METHOD_NAMES, SliceStats, exists, join
 
 SUMMARY_VERSION = 1
 
@@ -36,8 +36,8 @@ class ReportError(AuditError):
 
 
 def load_run(output: str) -> dict:
-    path = _path(output, "run.json")
-    if not _exists(path):
+    path = join(output, "run.json")
+    if not exists(path):
         raise ReportError(
             f"{output} has no run.json, so it holds no finished audit to report on. Give the "
             "--output folder of an `xai-audit run` (or run the audit first)."
@@ -56,7 +56,7 @@ def _gallery_slices(stats: Dict[str, SliceStats], run: dict) -> List[str]:
     slice_columns = list(run.get("data", {}).get("slice_columns") or [])
     if not slice_columns:
         return ["overall"] if "overall" in stats else []
-    names = [n for n in stats if n.split("=", 1)[0] in slice_columns]
+    names = report_summary.worst_slices(stats, slice_columns, report_gallery.MAX_SLICES)
     names.sort(key=lambda n: (stats[n].accuracy() if stats[n].labeled else -stats[n].n, n))
     return names[:report_gallery.MAX_SLICES]
 
@@ -79,7 +79,7 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
     figures = report_summary
     picker = report_gallery.GalleryPicker()
     stats = figures.scan_attributions(
-        runinfo.parquet_files(_path(output, "attributions")), run, picker)
+        runinfo.parquet_files(join(output, "attributions")), run, picker)
     data = run.get("data") or {}
     ident = figures.identity(run)
     methods = ident["methods"] or ["gradcam"]
@@ -94,7 +94,10 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
                                            bool(data.get("has_masks")), stats),
     }
     summary["verdict"] = figures.verdict(run, summary["metrics"])
-    summary["slices"] = {name: s.as_dict(methods) for name, s in sorted(stats.items())}
+    data_columns = list(data.get("slice_columns") or [])
+    shown = report_summary.worst_slices(stats, data_columns, report_summary.MAX_SLICE_ROWS)
+    summary["slices"] = {name: s.as_dict(methods) for name, s in sorted(stats.items())
+                         if name in shown or name.split("=", 1)[0] not in data_columns}
     galleries = picker.galleries(_gallery_slices(stats, run))
     _name_classes(galleries, ident["class_names"])
     summary.update({
@@ -137,7 +140,7 @@ def render_pictures(summary: dict, run: dict, output: str) -> dict:
     wanted = report_gallery.chosen_ids(galleries)
     note = None
     if wanted:
-        paths = runinfo.parquet_files(_path(output, "attributions"))
+        paths = runinfo.parquet_files(join(output, "attributions"))
         maps = report_gallery.read_maps(paths, summary["gallery_method"], wanted)
         images, note = report_gallery.read_images(run, wanted)
         report_gallery.render_thumbnails(galleries, maps, images)
@@ -192,8 +195,8 @@ def write_report(output: str) -> str:
         summary["gallery_note"] = (f"Thumbnails show the map alone where the image could not be "
                                    f"re-read: {pictures['gallery_note']}.")
     html = render_html(summary, pictures)
-    runinfo.write_json(_path(output, "report", "summary.json"), summary)
-    index = _path(output, "report", "index.html")
+    runinfo.write_json(join(output, "report", "summary.json"), summary)
+    index = join(output, "report", "index.html")
     with FileSystems.create(index, mime_type="text/html") as handle:
         handle.write(html.encode("utf-8"))
     return index

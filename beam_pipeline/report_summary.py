@@ -14,6 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from . import evaluation, runinfo
 
 MAX_METRIC_COLUMNS = 10
+MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
 MAX_ERROR_EXAMPLES = 20
 PREFERRED_METRICS = (
     "example_count", "auc", "binary_accuracy", "accuracy", "precision[topK:1]",
@@ -29,11 +30,11 @@ METHOD_NAMES = {
 }
 
 
-def _path(output: str, *parts: str) -> str:
+def join(output: str, *parts: str) -> str:
     return FileSystems.join(output.rstrip("/"), *parts)
 
 
-def _exists(path: str) -> bool:
+def exists(path: str) -> bool:
     try:
         return FileSystems.exists(path)
     except Exception:
@@ -42,7 +43,7 @@ def _exists(path: str) -> bool:
 
 def _read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
     """All rows of one small Parquet output (None when the file is absent)."""
-    if not _exists(path):
+    if not exists(path):
         return None
     import pyarrow.parquet as pq
 
@@ -50,7 +51,7 @@ def _read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[L
         return pq.ParquetFile(handle).read(columns=columns).to_pylist()
 
 
-def _number(value) -> Optional[float]:
+def as_number(value) -> Optional[float]:
     """A finite float, or None (TFMA writes "NaN" strings and nulls)."""
     if isinstance(value, bool) or value is None:
         return None
@@ -80,7 +81,7 @@ class SliceStats:
         self.counts: Dict[str, int] = {}
 
     def add_value(self, key: str, value) -> None:
-        number = _number(value) if not isinstance(value, bool) else float(value)
+        number = as_number(value) if not isinstance(value, bool) else float(value)
         if number is not None:
             self.sums[key] = self.sums.get(key, 0.0) + number
             self.counts[key] = self.counts.get(key, 0) + 1
@@ -140,7 +141,7 @@ def _slice_groups(row: dict, slice_columns: Sequence[str], attention_method: Opt
 
 
 def _lift(row: dict, method: str) -> Optional[float]:
-    energy, area = _number(row.get(f"{method}_mask_energy")), _number(row.get("mask_area"))
+    energy, area = as_number(row.get(f"{method}_mask_energy")), as_number(row.get("mask_area"))
     return energy / area if energy is not None and area else None
 
 
@@ -173,12 +174,12 @@ def scan_attributions(paths: Sequence[str], run: dict, picker=None) -> Dict[str,
 
 def _metric_cell(value) -> Optional[dict]:
     if isinstance(value, dict):
-        number = _number(value.get("value"))
+        number = as_number(value.get("value"))
         if number is None:
             return None
-        return {"value": number, "ci_low": _number(value.get("ci_low")),
-                "ci_high": _number(value.get("ci_high"))}
-    number = _number(value)
+        return {"value": number, "ci_low": as_number(value.get("ci_low")),
+                "ci_high": as_number(value.get("ci_high"))}
+    number = as_number(value)
     return None if number is None else {"value": number, "ci_low": None, "ci_high": None}
 
 
@@ -211,7 +212,7 @@ def _one_class(metric: str, labels: Optional[Dict[str, int]], mean_label) -> boo
     if labels:
         positives = labels.get(str(positive), 0)
         return positives == 0 or positives == sum(labels.values())
-    mean = _number(mean_label.get("value") if isinstance(mean_label, dict) else mean_label)
+    mean = as_number(mean_label.get("value") if isinstance(mean_label, dict) else mean_label)
     return mean is not None and positive == 1 and mean in (0.0, 1.0)
 
 
@@ -227,7 +228,7 @@ def _slice_row(name: str, metrics: dict, columns: Sequence[str], stats: Dict[str
             cells[metric] = _metric_cell(metrics.get(metric))
     column, _, value = name.partition("=")
     return {"slice": name, "column": column if value else None, "value": value or None,
-            "n": slice_stats.n if slice_stats else _number(metrics.get("example_count")),
+            "n": slice_stats.n if slice_stats else as_number(metrics.get("example_count")),
             "metrics": cells, "not_applicable": not_applicable}
 
 
@@ -269,7 +270,9 @@ def metrics_summary(tfma: dict, slice_columns: Sequence[str], has_masks: bool,
         rows.sort(key=lambda r: (_value(r, primary) is None, _value(r, primary) or 0.0,
                                  r["slice"]))
         derived = column not in slice_columns
-        by_column.append({"column": column, "derived": derived, "slices": rows,
+        by_column.append({"column": column, "derived": derived,
+                          "slices": rows[:MAX_SLICE_ROWS],
+                          "slices_not_shown": max(0, len(rows) - MAX_SLICE_ROWS),
                           "gaps": {} if derived else _gaps(rows, columns)})
     overall = table.get("overall")
     return {
@@ -366,7 +369,7 @@ def accounting(run: dict, output: str) -> dict:
     counts = run.get("counts") or {}
     by_stage: Dict[str, int] = {}
     examples = []
-    paths = runinfo.parquet_files(_path(output, "errors"))
+    paths = runinfo.parquet_files(join(output, "errors"))
     for row in runinfo.iter_rows(paths, ["example_id", "stage", "error_type", "message"]):
         key = f"{row['stage']} / {row['error_type']}"
         by_stage[key] = by_stage.get(key, 0) + 1
@@ -384,6 +387,17 @@ def accounting(run: dict, output: str) -> dict:
     }
 
 
+def worst_slices(stats: Dict[str, SliceStats], columns: Sequence[str], limit: int) -> List[str]:
+    """Per slice column, at most ``limit`` slice values: lowest accuracy first (the largest
+    first when unlabeled). Bounds every per-slice table whatever a column's cardinality."""
+    chosen = []
+    for column in columns:
+        names = [n for n in stats if n.split("=", 1)[0] == column]
+        names.sort(key=lambda n: (stats[n].accuracy() if stats[n].labeled else -stats[n].n, n))
+        chosen += names[:limit]
+    return chosen
+
+
 def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
     """Per method, overall and per data slice: mask energy, its lift over the mask's area,
     pointing-game rate, IoU. None without masks."""
@@ -392,7 +406,7 @@ def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
     methods = run.get("model", {}).get("methods") or ["gradcam"]
     slice_columns = list(run.get("data", {}).get("slice_columns") or [])
     rows = []
-    for name in ["overall", *sorted(n for n in stats if n.split("=", 1)[0] in slice_columns)]:
+    for name in ["overall", *sorted(worst_slices(stats, slice_columns, MAX_SLICE_ROWS))]:
         figures = stats[name].as_dict(methods)
         if figures["with_mask"]:
             rows.append({"slice": name, **figures})
@@ -411,7 +425,7 @@ def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
 
 
 def sanity(output: str) -> Optional[dict]:
-    rows = _read_rows(_path(output, "sanity.parquet"))
+    rows = _read_rows(join(output, "sanity.parquet"))
     if not rows:
         return None
     curves: Dict[str, List[dict]] = {}
@@ -422,7 +436,7 @@ def sanity(output: str) -> Optional[dict]:
         curve.sort(key=lambda r: r["step"])
         last = curve[-1]
         verdicts[method] = {"flagged": bool(last["flagged"]),
-                            "spearman_fully_random": _number(last["spearman_mean"]),
+                            "spearman_fully_random": as_number(last["spearman_mean"]),
                             "examples": last["examples"]}
         verdicts[method]["statement"] = sanity_statement(method, verdicts[method])
     return {"curves": curves, "verdicts": verdicts}
@@ -441,7 +455,7 @@ def sanity_statement(method: str, result: dict) -> str:
 
 
 def layer_sweep_summary(output: str) -> Optional[dict]:
-    rows = _read_rows(_path(output, "layer_sweep.parquet"))
+    rows = _read_rows(join(output, "layer_sweep.parquet"))
     if not rows:
         return None
     overall = sorted((r for r in rows if r["slice"] == "overall"), key=lambda r: r["depth"] or 0)
@@ -458,7 +472,7 @@ def _patch_grid(rows: Sequence[dict]) -> Optional[List[List[Optional[float]]]]:
     for row in rows:
         parts = row["feature"].split("_")
         if len(parts) == 3 and parts[0] == "patch" and parts[1][0] == "r" and parts[2][0] == "c":
-            cells[(int(parts[1][1:]), int(parts[2][1:]))] = _number(row["importance"])
+            cells[(int(parts[1][1:]), int(parts[2][1:]))] = as_number(row["importance"])
     if not cells:
         return None
     height, width = max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1
@@ -466,14 +480,14 @@ def _patch_grid(rows: Sequence[dict]) -> Optional[List[List[Optional[float]]]]:
 
 
 def importance_section(output: str) -> Optional[dict]:
-    rows = _read_rows(_path(output, "importance_summary.parquet"))
+    rows = _read_rows(join(output, "importance_summary.parquet"))
     if not rows:
         return None
     by_metric: Dict[str, List[dict]] = {}
     for row in rows:
         by_metric.setdefault(row["metric"], []).append(row)
     metric = "accuracy" if "accuracy" in by_metric else sorted(by_metric)[0]
-    shown = sorted(by_metric[metric], key=lambda r: -(_number(r["importance"]) or 0.0))
+    shown = sorted(by_metric[metric], key=lambda r: -(as_number(r["importance"]) or 0.0))
     return {"metric": metric, "metrics": sorted(by_metric), "features": shown,
             "patch_grid": _patch_grid(shown),
             "channels": [r for r in shown if r["feature"].startswith("channel_")]}

@@ -3,7 +3,7 @@ the annotated region, what matters most, failed sanity checks, failed examples),
 and limitations, and the one-line notes of sections that have no input."""
 from typing import Dict, List, Optional
 
-from .report_summary import METHOD_NAMES, _number
+from .report_summary import METHOD_NAMES, as_number
 
 def pct(value: Optional[float]) -> str:
     if value is None:
@@ -72,7 +72,7 @@ def findings(summary: dict) -> List[str]:
                    "there (a shortcut). The galleries below show what it looks at instead.")
     imp = summary.get("importance")
     if imp and imp["features"]:
-        top = [f"{r['feature']} ({_number(r['importance']):.3f})" for r in imp["features"][:3]]
+        top = [f"{r['feature']} ({as_number(r['importance']):.3f})" for r in imp["features"][:3]]
         out.append(f"Shuffling {top[0]} costs the most {imp['metric']}; then "
                    f"{', '.join(top[1:])}.")
     for method, result in ((summary.get("sanity") or {}).get("verdicts") or {}).items():

@@ -216,13 +216,18 @@ def test_gallery_picker_keeps_the_extremes():
 
 
 def test_report_of_ten_thousand_examples_stays_under_5_mb(tmp_path):
-    out = write_output(tmp_path / "out", 10_000, sites=tuple(f"site{k}" for k in range(12)))
+    # 40 sites: per-slice tables are capped too (worst first), not only the galleries.
+    out = write_output(tmp_path / "out", 10_000, sites=tuple(f"site{k:02d}" for k in range(40)))
     path = report.write_report(str(out))
     size = os.path.getsize(path)
     summary = json.loads((out / "report" / "summary.json").read_text())
     thumbnails = sum(len(g["items"]) for g in summary["galleries"])
     assert size < 5 * 1024 * 1024, f"{size} bytes"
     assert len({g["slice"] for g in summary["galleries"]}) == report_gallery.MAX_SLICES
+    by_site = summary["metrics"]["by_column"][0]
+    assert len(by_site["slices"]) == report_summary.MAX_SLICE_ROWS
+    assert by_site["slices_not_shown"] == 40 - report_summary.MAX_SLICE_ROWS
+    assert len(summary["localization"]["rows"]) == 1 + report_summary.MAX_SLICE_ROWS
     assert thumbnails <= report_gallery.MAX_SLICES * 3 * report_gallery.PER_GALLERY
     html = open(path).read()
     assert html.count('<figure class="thumb">') == thumbnails and "map only" not in html

@@ -22,7 +22,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync", "--disable-extensions",
                   "--disable-default-apps"]
 VERDICT_RGB = {"passed": (46, 125, 50), "failed": (198, 40, 40)}  # the verdict box's border
-PAGE_ERRORS = re.compile(r"Uncaught|CONSOLE\(|net::ERR_|Failed to load resource|"
+PAGE_ERRORS = re.compile(r"Uncaught|CONSOLE[:(]|net::ERR_|Failed to load resource|"
                          r"Not allowed to load", re.I)
 
 
@@ -60,6 +60,8 @@ def test_report_of_a_real_run_in_headless_chromium(small_run, tmp_path):
     assert dom.stdout.count('<figure class="thumb">') > 0
     errors = [line for line in dom.stderr.splitlines() if PAGE_ERRORS.search(line)]
     assert not errors, errors
+    sources = re.findall(r'(?:src|href)="([^"]*)"', dom.stdout)
+    assert sources and all(src.startswith("data:") for src in sources), "an external resource"
 
     shot = tmp_path / "report.png"
     proc = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,2000", url)
