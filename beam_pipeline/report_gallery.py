@@ -1,8 +1,9 @@
 """The report's galleries: which examples to show, and their attribution overlays.
 
-Three galleries per slice value: the most confident correct predictions, the most confident wrong
-ones, and the examples whose map puts the least of its mass on the ground-truth mask (relative to
-the mask's share of the image). Selection streams: ``GalleryPicker`` sees one row at a time (only
+Galleries per slice value: the most confident correct predictions, the most confident wrong
+ones, the examples whose map puts the least of its mass on the ground-truth mask (relative to
+the mask's share of the image), and among correct predictions those least on the mask (right,
+perhaps for the wrong reason: a shortcut shows here). Selection streams: ``GalleryPicker`` sees one row at a time (only
 the small columns) and keeps a bounded heap per (slice, gallery). Only the chosen examples' maps
 are read afterwards (``read_maps``), and only their images and masks are re-read and decoded
 from the data source (``read_images``), through the same ``sources`` / ``decode`` code the job
@@ -21,12 +22,15 @@ LOG = logging.getLogger("xai_audit")
 
 PER_GALLERY = 6  # thumbnails per gallery per slice value
 MAX_SLICES = 8  # slice values that get galleries (worst accuracy first)
-CORRECT, WRONG, OFF_MASK, CONFIDENT = ("most_confident_correct", "most_confident_wrong",
-                                       "least_on_mask", "most_confident")
+CORRECT, WRONG, OFF_MASK, CORRECT_OFF_MASK, CONFIDENT = (
+    "most_confident_correct", "most_confident_wrong", "least_on_mask", "correct_least_on_mask",
+    "most_confident")
+KINDS = (CORRECT, WRONG, OFF_MASK, CORRECT_OFF_MASK, CONFIDENT)
 TITLES = {
     CORRECT: "Most confident correct",
     WRONG: "Most confident wrong",
     OFF_MASK: "Least attention on the mask",
+    CORRECT_OFF_MASK: "Correct, but least attention on the mask (right for the wrong reason?)",
     CONFIDENT: "Most confident (no labels)",
 }
 
@@ -56,20 +60,21 @@ class GalleryPicker:
         item = {"example_id": row["example_id"], "label": row.get("label"),
                 "predicted_class": row.get("predicted_class"), "confidence": confidence,
                 "lift": row.get("lift")}
+        correct = row.get("label") is not None and row["label"] == row["predicted_class"]
         if row.get("label") is None:
             self._push((group, CONFIDENT), confidence, item)
-        elif row["label"] == row["predicted_class"]:
-            self._push((group, CORRECT), confidence, item)
         else:
-            self._push((group, WRONG), confidence, item)
+            self._push((group, CORRECT if correct else WRONG), confidence, item)
         if row.get("lift") is not None:
             self._push((group, OFF_MASK), -row["lift"], item)
+            if correct:
+                self._push((group, CORRECT_OFF_MASK), -row["lift"], item)
 
     def galleries(self, groups: Sequence[str]) -> List[dict]:
         """[{"slice", "kind", "title", "items": [...]}] for ``groups``, best first."""
         out = []
         for group in groups:
-            for kind in (CORRECT, WRONG, OFF_MASK, CONFIDENT):
+            for kind in KINDS:
                 heap = self.heaps.get((group, kind))
                 if heap:
                     items = [entry[2] for entry in sorted(heap, key=lambda e: e[:2], reverse=True)]

@@ -58,9 +58,10 @@ def slice_metric_chart(metric: str, rows: Sequence[dict]) -> str:
         ax.errorbar(values, positions, xerr=np.array(errors).T, fmt="none", ecolor="black",
                     capsize=3, linewidth=1)
     ax.set_yticks(positions, labels)
-    ax.set_xlabel(metric)
     low = min(values + [1.0])
-    ax.set_xlim(max(0.0, low - 0.1) if low > 0.2 else 0.0, max(1.0, max(values)) * 1.02)
+    start = max(0.0, low - 0.1) if low > 0.2 else 0.0
+    ax.set_xlim(start, max(1.0, max(values)) * 1.02)
+    ax.set_xlabel(metric + (f" (the axis starts at {start:.2f})" if start else ""))
     ax.grid(axis="x", alpha=0.3)
     return _figure_uri(fig)
 

@@ -21,7 +21,8 @@ PREFERRED_METRICS = (
     "recall[topK:1]", "auc_precision_recall", "precision", "recall", "calibration",
     "mean_label", "mean_prediction",
 )
-NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction")
+# No best-worst gap: counts, label/prediction means, and calibration (best at 1, not at the top).
+NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction", "calibration")
 # The metric that orders slices "worst first", in order of preference.
 PRIMARY_METRICS = ("auc", "binary_accuracy", "accuracy", "precision[topK:1]")
 METHOD_NAMES = {

@@ -212,7 +212,8 @@ def test_gallery_picker_keeps_the_extremes():
                  for g in picker.galleries(["s"])}
     assert galleries == {"most_confident_correct": ["e1", "e0"],
                          "most_confident_wrong": ["e3", "e4"],
-                         "least_on_mask": ["e1", "e2"]}
+                         "least_on_mask": ["e1", "e2"],
+                         "correct_least_on_mask": ["e1", "e2"]}
 
 
 def test_report_of_ten_thousand_examples_stays_under_5_mb(tmp_path):
@@ -228,7 +229,7 @@ def test_report_of_ten_thousand_examples_stays_under_5_mb(tmp_path):
     assert len(by_site["slices"]) == report_summary.MAX_SLICE_ROWS
     assert by_site["slices_not_shown"] == 40 - report_summary.MAX_SLICE_ROWS
     assert len(summary["localization"]["rows"]) == 1 + report_summary.MAX_SLICE_ROWS
-    assert thumbnails <= report_gallery.MAX_SLICES * 3 * report_gallery.PER_GALLERY
+    assert thumbnails <= report_gallery.MAX_SLICES * 4 * report_gallery.PER_GALLERY
     html = open(path).read()
     assert html.count('<figure class="thumb">') == thumbnails and "map only" not in html
 
