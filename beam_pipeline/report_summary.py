@@ -9,6 +9,7 @@ batch: memory does not grow with the number of examples.
 import math
 from typing import Dict, List, Optional, Sequence
 
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from . import evaluation, runinfo
@@ -46,8 +47,6 @@ def _read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[L
     """All rows of one small Parquet output (None when the file is absent)."""
     if not exists(path):
         return None
-    import pyarrow.parquet as pq
-
     with FileSystems.open(path) as handle:
         return pq.ParquetFile(handle).read(columns=columns).to_pylist()
 
