@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean browser
 
 venv: $(VENV)/.installed
 
@@ -19,7 +19,16 @@ $(VENV)/.installed: setup.py
 demo: venv
 	$(BIN)/xai-audit demo --output $(DEMO_DIR)
 
-test: venv
+# The report's browser test renders the page in headless Chromium (Debian's package); root
+# installs it directly, anyone else through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@test -x /usr/bin/chromium || { \
+		echo "Installing chromium for the report's browser test (apt-get)" && \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: venv browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 bench: venv

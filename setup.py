@@ -21,7 +21,7 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "tfma_configs"]),
-    package_data={"tfma_configs": ["*.pbtxt"]},
+    package_data={"tfma_configs": ["*.pbtxt"], "beam_pipeline": ["templates/*.j2"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "tensorflow==2.21.*",
@@ -33,6 +33,8 @@ setup(
         "pandas>=2.0",
         "numpy>=1.26",
         "pillow>=10",
+        "jinja2>=3.1,<4",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["xai-audit=beam_pipeline.cli:entry_point"]},

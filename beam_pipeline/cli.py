@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"xai-audit {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,demo,report}")
     run = commands.add_parser("run", help="audit a model on a dataset", allow_abbrev=False)
     _add_run_options(run)
     _add_beam_help(run)
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attribution methods of the demo audit, as for run [gradcam]")
     demo.add_argument("--layer", default="auto", help="layer(s) of the demo audit, as for run [auto]")
     _add_beam_help(demo)
+    report = commands.add_parser(
+        "report", help="re-render DIR/report/ (index.html, summary.json) from the files in DIR",
+        allow_abbrev=False)
+    report.add_argument("dir", metavar="DIR", help="the --output folder of a finished run")
     return parser
 
 
@@ -194,6 +198,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .job import run_audit
 
             return run_audit(_request_from_args(args), beam_args)
+        if args.command == "report":
+            if beam_args:
+                parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+            from .report import write_report
+
+            print(write_report(args.dir))
+            return 0
         from .demo_job import run_demo
 
         return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,

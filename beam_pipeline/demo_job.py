@@ -109,5 +109,10 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     if code == job.EXIT_GATE:
         print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails on the planted shortcut, as it should: "
               "the audit itself exits 3 (run.json exit_code); the demo command exits 0.")
-        return job.EXIT_OK
+        code = job.EXIT_OK
+    report = os.path.join(output, "report", "index.html")
+    if not os.path.exists(report):
+        print("\nThe compliance report could not be written (see the log above).")
+        return code or job.EXIT_REPORT
+    print(f"\nCompliance report (open in a browser): {os.path.abspath(report)}")
     return code

@@ -23,7 +23,7 @@ from .errors import OptionError
 LOG = logging.getLogger("xai_audit")
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATE, EXIT_ERROR_RATE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATE, EXIT_ERROR_RATE, EXIT_REPORT = 0, 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -421,9 +421,30 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
     runinfo.write_json(pipeline.output_path(config.output, "run.json"), payload)
     _log_summary(payload, config.output)
+    report_written = write_report_after_run(config.output)
     if evaluation_error:
         raise evaluation_error
+    if not report_written and exit_code == EXIT_OK:
+        return EXIT_REPORT
     return exit_code
+
+
+def write_report_after_run(output: str) -> bool:
+    """The compliance report from the finished run's files. It comes after run.json, so a
+    failure here loses nothing of the audit: it is logged (with the traceback, as it is a bug or
+    an environment problem, not a user error) and the run's exit code says so (5) when it would
+    otherwise be 0; a failed gate (3, 4) or a failed run (1) keeps its own code."""
+    from . import report
+
+    try:
+        path = report.write_report(output)
+    except Exception:
+        LOG.exception(
+            "The audit is done and run.json is written, but the compliance report could not be "
+            "written. Re-render it with `xai-audit report %s` once the cause is fixed.", output)
+        return False
+    LOG.info("Compliance report: %s", path)
+    return True
 
 
 def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code) -> dict:

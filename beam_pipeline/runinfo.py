@@ -9,7 +9,7 @@ import json
 import platform
 import sys
 from importlib import metadata
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -49,6 +49,18 @@ def read_column(folder: str, column: str) -> List:
             table = pq.read_table(io.BytesIO(handle.read()), columns=[column])
         values.extend(table.column(column).to_pylist())
     return values
+
+
+def iter_rows(paths: Sequence[str], columns: Sequence[str],
+              batch_size: int = 4096) -> Iterator[dict]:
+    """Rows of Parquet files as dicts, a batch at a time, reading only ``columns`` (those the
+    files have): memory stays bounded by the batch, not by the files."""
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
+                yield from batch.to_pylist()
 
 
 def beam_counters(result) -> Dict[str, float]:

@@ -17,6 +17,8 @@ def test_demo_end_to_end_through_the_cli(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "attributions" in proc.stdout and "site_c" in proc.stdout
+    report_path = out / "report" / "index.html"
+    assert proc.stdout.strip().splitlines()[-1].endswith(str(report_path))
 
     attributions = pd.read_parquet(out / "attributions")
     errors = pd.read_parquet(out / "errors")
@@ -54,3 +56,13 @@ def test_demo_end_to_end_through_the_cli(tmp_path):
     assert hit_rate["site_c"] < 0.3  # the shortcut: attention on the corner marker
     accuracy = (attributions.label == attributions.predicted_class).mean()
     assert accuracy > 0.9
+
+    # The report names the shortcut site as the problem, in words and pictures.
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["verdict"]["status"] == "failed"
+    assert summary["findings"][0].startswith("site=site_c does worst")
+    assert any(f.startswith("site=site_c is both where the model does worst")
+               for f in summary["findings"])
+    assert summary["galleries"][0]["slice"] == "site=site_c"
+    html = report_path.read_text()
+    assert html.count('<figure class="thumb">') >= 30 and "map only" not in html

@@ -1,0 +1,493 @@
+"""The report's figures: one streaming pass over the attribution rows (``scan_attributions``,
+per-slice ``SliceStats``), TFMA's sliced metrics with one-class AUCs shown as n/a
+(``metrics_summary``), the verdict from run.json's gates, and the small tables (errors,
+localization, layer sweep, importance, faithfulness, sanity). Plain Python, no rendering.
+
+Only the small columns of the attribution files are read (Parquet column projection), batch by
+batch: memory does not grow with the number of examples.
+"""
+import math
+from typing import Dict, List, Optional, Sequence
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from . import evaluation, runinfo
+
+MAX_METRIC_COLUMNS = 10
+MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
+MAX_ERROR_EXAMPLES = 20
+PREFERRED_METRICS = (
+    "example_count", "auc", "binary_accuracy", "accuracy", "precision[topK:1]",
+    "recall[topK:1]", "auc_precision_recall", "precision", "recall", "calibration",
+    "mean_label", "mean_prediction",
+)
+# No best-worst gap: counts, label/prediction means, and calibration (best at 1, not at the top).
+NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction", "calibration")
+# The metric that orders slices "worst first", in order of preference.
+PRIMARY_METRICS = ("auc", "binary_accuracy", "accuracy", "precision[topK:1]")
+METHOD_NAMES = {
+    "gradcam": "Grad-CAM", "cam": "CAM", "saliency": "Saliency", "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "Integrated Gradients",
+}
+
+
+def join(output: str, *parts: str) -> str:
+    return FileSystems.join(output.rstrip("/"), *parts)
+
+
+def exists(path: str) -> bool:
+    try:
+        return FileSystems.exists(path)
+    except Exception:
+        return False
+
+
+def _read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
+    """All rows of one small Parquet output (None when the file is absent)."""
+    if not exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).read(columns=columns).to_pylist()
+
+
+def as_number(value) -> Optional[float]:
+    """A finite float, or None (TFMA writes "NaN" strings and nulls)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _mean(total: float, count: int) -> Optional[float]:
+    return total / count if count else None
+
+
+# --------------------------------------------------------------------------- one pass over rows
+
+
+class SliceStats:
+    """Additive figures of one slice (or "overall") from the attribution rows."""
+
+    def __init__(self):
+        self.n = 0
+        self.labels: Dict[int, int] = {}
+        self.correct = 0
+        self.labeled = 0
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+
+    def add_value(self, key: str, value) -> None:
+        number = as_number(value) if not isinstance(value, bool) else float(value)
+        if number is not None:
+            self.sums[key] = self.sums.get(key, 0.0) + number
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def accuracy(self) -> Optional[float]:
+        return _mean(self.correct, self.labeled)
+
+    def mean(self, key: str) -> Optional[float]:
+        return _mean(self.sums.get(key, 0.0), self.counts.get(key, 0))
+
+    def add_row(self, row: dict, methods: Sequence[str]) -> None:
+        self.n += 1
+        label = row.get("label")
+        if label is not None:
+            self.labels[label] = self.labels.get(label, 0) + 1
+            self.labeled += 1
+            self.correct += int(label == row.get("predicted_class"))
+        self.add_value("mask_area", row.get("mask_area"))
+        for method in methods:
+            for figure in ("mask_energy", "pointing_hit", "iou", "deletion_auc", "insertion_auc"):
+                self.add_value(f"{method}_{figure}", row.get(f"{method}_{figure}"))
+
+    def as_dict(self, methods: Sequence[str]) -> dict:
+        out = {"n": self.n, "labels": {str(k): v for k, v in sorted(self.labels.items())},
+               "accuracy": self.accuracy(),
+               "with_mask": self.counts.get("mask_area", 0),
+               "mask_area": self.mean("mask_area")}
+        for method in methods:
+            energy, area = self.mean(f"{method}_mask_energy"), out["mask_area"]
+            out[method] = {
+                "mask_energy": energy,
+                "energy_lift": energy / area if energy is not None and area else None,
+                "pointing_hit": self.mean(f"{method}_pointing_hit"),
+                "iou": self.mean(f"{method}_iou"),
+                "localized": self.counts.get(f"{method}_mask_energy", 0),
+                "deletion_auc": self.mean(f"{method}_deletion_auc"),
+                "insertion_auc": self.mean(f"{method}_insertion_auc"),
+                "faithfulness_n": self.counts.get(f"{method}_deletion_auc", 0),
+            }
+        return out
+
+
+def _slice_groups(row: dict, slice_columns: Sequence[str], attention_method: Optional[str]):
+    """(the data slices a row belongs to, named as TFMA names them ("column=value"), and the
+    slices derived from the audit: prediction_correct, attention_on_mask)."""
+    data = [f"{column}={row[column]}" for column in slice_columns if row.get(column) is not None]
+    derived = []
+    if row.get("label") is not None:
+        correct = "true" if row["label"] == row.get("predicted_class") else "false"
+        derived.append(f"{evaluation.PREDICTION_CORRECT}={correct}")
+    if attention_method:
+        bucket = evaluation.attention_bucket(row.get(f"{attention_method}_mask_energy"),
+                                             row.get("mask_area"))
+        if bucket:
+            derived.append(f"{evaluation.ATTENTION_ON_MASK}={bucket}")
+    return data, derived
+
+
+def _lift(row: dict, method: str) -> Optional[float]:
+    energy, area = as_number(row.get(f"{method}_mask_energy")), as_number(row.get("mask_area"))
+    return energy / area if energy is not None and area else None
+
+
+def scan_attributions(paths: Sequence[str], run: dict, picker=None) -> Dict[str, SliceStats]:
+    """One streaming pass: per-slice stats, and gallery candidates offered to ``picker`` (per
+    data slice value, or "overall" when the data has no slice columns)."""
+    methods = run.get("model", {}).get("methods") or ["gradcam"]
+    slice_columns = list(run.get("data", {}).get("slice_columns") or [])
+    first = methods[0]
+    columns = ["example_id", "label", "predicted_class", "probabilities", "mask_area",
+               *slice_columns]
+    for method in methods:
+        columns += [f"{method}_{f}" for f in ("mask_energy", "pointing_hit", "iou",
+                                              "deletion_auc", "insertion_auc")]
+    stats: Dict[str, SliceStats] = {}
+    attention = first if run.get("data", {}).get("has_masks") else None
+    for row in runinfo.iter_rows(paths, columns):
+        data, derived = _slice_groups(row, slice_columns, attention)
+        for group in ["overall", *data, *derived]:
+            stats.setdefault(group, SliceStats()).add_row(row, methods)
+        if picker is not None:
+            candidate = {**row, "lift": _lift(row, first)}
+            for group in (data if slice_columns else ["overall"]):
+                picker.add(group, candidate)
+    return stats
+
+
+# --------------------------------------------------------------------------- TFMA metrics
+
+
+def _metric_cell(value) -> Optional[dict]:
+    if isinstance(value, dict):
+        number = as_number(value.get("value"))
+        if number is None:
+            return None
+        return {"value": number, "ci_low": as_number(value.get("ci_low")),
+                "ci_high": as_number(value.get("ci_high"))}
+    number = as_number(value)
+    return None if number is None else {"value": number, "ci_low": None, "ci_high": None}
+
+
+def _metric_columns(table: Dict[str, dict]) -> List[str]:
+    names = []
+    for metrics in table.values():
+        names += [n for n, v in metrics.items() if n not in names and _metric_cell(v) is not None]
+    ordered = [n for n in PREFERRED_METRICS if n in names]
+    ordered += sorted(n for n in names if n not in ordered)
+    return ordered[:MAX_METRIC_COLUMNS]
+
+
+def _auc_positive_class(metric: str) -> Optional[int]:
+    """The class an AUC metric ranks as positive: 1 for "auc", k for "auc[classId:k]"."""
+    base, _, sub_key = metric.partition("[")
+    if not base.endswith("auc"):
+        return None
+    if sub_key.startswith("classId:"):
+        return int(sub_key[len("classId:"):].rstrip("]"))
+    return 1
+
+
+def _one_class(metric: str, labels: Optional[Dict[str, int]], mean_label) -> bool:
+    """An AUC that is undefined on this slice: all of its examples are positive, or none is.
+    TFMA writes 0 there; the report shows n/a. Labels per slice come from the attributions,
+    else from TFMA's mean label (binary)."""
+    positive = _auc_positive_class(metric)
+    if positive is None:
+        return False
+    if labels:
+        positives = labels.get(str(positive), 0)
+        return positives == 0 or positives == sum(labels.values())
+    mean = as_number(mean_label.get("value") if isinstance(mean_label, dict) else mean_label)
+    return mean is not None and positive == 1 and mean in (0.0, 1.0)
+
+
+def _slice_row(name: str, metrics: dict, columns: Sequence[str], stats: Dict[str, SliceStats]):
+    slice_stats = stats.get(name)
+    labels = {str(k): v for k, v in slice_stats.labels.items()} if slice_stats else None
+    cells, not_applicable = {}, []
+    for metric in columns:
+        if _one_class(metric, labels, metrics.get("mean_label")):
+            cells[metric] = None
+            not_applicable.append(metric)
+        else:
+            cells[metric] = _metric_cell(metrics.get(metric))
+    column, _, value = name.partition("=")
+    return {"slice": name, "column": column if value else None, "value": value or None,
+            "n": slice_stats.n if slice_stats else as_number(metrics.get("example_count")),
+            "metrics": cells, "not_applicable": not_applicable}
+
+
+def _value(row: dict, metric: str) -> Optional[float]:
+    cell = row["metrics"].get(metric)
+    return cell["value"] if cell else None
+
+
+def _gaps(rows: Sequence[dict], columns: Sequence[str]) -> Dict[str, dict]:
+    """Best minus worst slice per quality metric (not counts or label/prediction means)."""
+    gaps = {}
+    for metric in columns:
+        if metric in NO_GAP_METRICS:
+            continue
+        values = [(_value(r, metric), r["slice"]) for r in rows if _value(r, metric) is not None]
+        if len(values) >= 2:
+            (low, worst), (high, best) = min(values), max(values)
+            gaps[metric] = {"worst": worst, "worst_value": low, "best": best, "best_value": high,
+                            "gap": high - low}
+    return gaps
+
+
+def metrics_summary(tfma: dict, slice_columns: Sequence[str], has_masks: bool,
+                    stats: Dict[str, SliceStats]) -> Optional[dict]:
+    """Overall and per-slice TFMA figures, worst slice first, with best-worst gaps."""
+    table = tfma.get("metrics") or {}
+    if not table:
+        return None
+    columns = _metric_columns(table)
+    primary = next((m for m in PRIMARY_METRICS if m in columns),
+                   next((m for m in columns if m != "example_count"), None))
+    shown = list(slice_columns) + ([evaluation.ATTENTION_ON_MASK] if has_masks else [])
+    by_column = []
+    for column in shown:
+        rows = [_slice_row(name, metrics, columns, stats) for name, metrics in table.items()
+                if name.startswith(f"{column}=") and "," not in name]
+        if not rows:
+            continue
+        rows.sort(key=lambda r: (_value(r, primary) is None, _value(r, primary) or 0.0,
+                                 r["slice"]))
+        derived = column not in slice_columns
+        by_column.append({"column": column, "derived": derived,
+                          "slices": rows[:MAX_SLICE_ROWS],
+                          "slices_not_shown": max(0, len(rows) - MAX_SLICE_ROWS),
+                          "gaps": {} if derived else _gaps(rows, columns)})
+    overall = table.get("overall")
+    return {
+        "columns": columns,
+        "primary": primary,
+        "confidence_intervals": bool(tfma.get("confidence_intervals")),
+        "overall": _slice_row("overall", overall, columns, stats) if overall else None,
+        "by_column": by_column,
+        "all_metrics_in": "run.json: tfma.metrics",
+    }
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def gate_reason(gate: dict, counts: dict) -> str:
+    """One sentence per gate, for the verdict."""
+    state = "passed" if gate.get("passed") else "failed"
+    if gate.get("gate") == "max_error_rate":
+        return (f"Error rate {state}: {counts.get('examples_failed', 0)} of "
+                f"{counts.get('examples_in', 0)} examples could not be audited "
+                f"({100 * (gate.get('value') or 0):.2f}%; allowed {100 * gate['bound']:.2f}%).")
+    if gate.get("gate") == "max_slice_gap":
+        return f"Slice gap on {gate['metric']} {state}: {gate.get('message', '')}"
+    if gate.get("gate") == "tfma_threshold":
+        return (f"TFMA threshold on {gate['metric']} at {gate['slice']} {state}: value "
+                f"{_format(gate.get('value'))} against {gate.get('bound')}.")
+    return f"{gate.get('gate')} {state} ({gate.get('metric')} at {gate.get('slice')})."
+
+
+def verdict(run: dict, metrics: Optional[dict]) -> dict:
+    gates = run.get("gates") or []
+    counts = run.get("counts") or {}
+    failed = [gate_reason(g, counts) for g in gates if not g.get("passed")]
+    passed = [gate_reason(g, counts) for g in gates if g.get("passed")]
+    if (run.get("tfma") or {}).get("error"):
+        failed.insert(0, f"The sliced evaluation failed: {run['tfma']['error']}")
+    caveats = _gap_gate_caveats(gates, metrics)
+    status = run.get("status") or ("passed" if not failed else "failed")
+    return {"status": status, "exit_code": run.get("exit_code"), "failed": failed,
+            "passed": passed, "caveats": caveats, "gates": gates}
+
+
+def _gap_gate_caveats(gates: Sequence[dict], metrics: Optional[dict]) -> List[str]:
+    """A gap gate that compared an AUC TFMA set to 0 on a one-class slice says so."""
+    if not metrics:
+        return []
+    undefined = {(row["slice"], m) for group in metrics["by_column"] for row in group["slices"]
+                 for m in row["not_applicable"]}
+    caveats = []
+    for gate in gates:
+        if gate.get("gate") != "max_slice_gap":
+            continue
+        for name in str(gate.get("slice", "")).split(" vs "):
+            if (name, gate.get("metric")) in undefined:
+                caveats.append(f"{name} has one class only, so its {gate['metric']} is undefined; "
+                               "TFMA reports 0 there and the slice-gap gate compared that 0.")
+    return caveats
+
+
+# --------------------------------------------------------------------------- other sections
+
+
+def identity(run: dict) -> dict:
+    model, data, runner = run.get("model", {}), run.get("data", {}), run.get("runner", {})
+    return {
+        "tool_version": run.get("tool_version"),
+        "started_at": run.get("started_at"),
+        "finished_at": run.get("finished_at"),
+        "model_path": model.get("path"),
+        "model_sha256": model.get("sha256"),
+        "class_names": model.get("class_names") or [],
+        "methods": model.get("methods") or [],
+        "gradcam_layer": model.get("gradcam_layer"),
+        "data_uri": data.get("uri"),
+        "data_kind": data.get("kind"),
+        "data_fingerprint": data.get("fingerprint"),
+        "runner": runner.get("name"),
+        "seed": run.get("seed"),
+        "libraries": run.get("libraries") or {},
+        "command_line": run.get("command_line") or [],
+    }
+
+
+def accounting(run: dict, output: str) -> dict:
+    """Counts from run.json, and per (stage, error type) counts and a few examples from errors/
+    (streamed: only the first rows' messages are kept)."""
+    counts = run.get("counts") or {}
+    by_stage: Dict[str, int] = {}
+    examples = []
+    paths = runinfo.parquet_files(join(output, "errors"))
+    for row in runinfo.iter_rows(paths, ["example_id", "stage", "error_type", "message"]):
+        key = f"{row['stage']} / {row['error_type']}"
+        by_stage[key] = by_stage.get(key, 0) + 1
+        if len(examples) < MAX_ERROR_EXAMPLES:
+            examples.append(row)
+    examples_in = counts.get("examples_in", 0)
+    ok, failed = counts.get("examples_ok", 0), counts.get("examples_failed", 0)
+    return {
+        "examples_in": examples_in, "examples_ok": ok, "examples_failed": failed,
+        "error_rate": counts.get("error_rate"),
+        "errors_by_type": counts.get("errors_by_type") or {},
+        "errors_by_stage_and_type": dict(sorted(by_stage.items(), key=lambda kv: -kv[1])),
+        "error_examples": examples,
+        "identity_holds": bool(counts.get("accounting_ok")) and examples_in == ok + failed,
+    }
+
+
+def worst_slices(stats: Dict[str, SliceStats], columns: Sequence[str], limit: int) -> List[str]:
+    """Per slice column, at most ``limit`` slice values: lowest accuracy first (the largest
+    first when unlabeled). Bounds every per-slice table whatever a column's cardinality."""
+    chosen = []
+    for column in columns:
+        names = [n for n in stats if n.split("=", 1)[0] == column]
+        names.sort(key=lambda n: (stats[n].accuracy() if stats[n].labeled else -stats[n].n, n))
+        chosen += names[:limit]
+    return chosen
+
+
+def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
+    """Per method, overall and per data slice: mask energy, its lift over the mask's area,
+    pointing-game rate, IoU. None without masks."""
+    if not run.get("data", {}).get("has_masks"):
+        return None
+    methods = run.get("model", {}).get("methods") or ["gradcam"]
+    slice_columns = list(run.get("data", {}).get("slice_columns") or [])
+    rows = []
+    for name in ["overall", *sorted(worst_slices(stats, slice_columns, MAX_SLICE_ROWS))]:
+        figures = stats[name].as_dict(methods)
+        if figures["with_mask"]:
+            rows.append({"slice": name, **figures})
+    return {"methods": methods, "rows": rows} if rows else None
+
+
+def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
+    if "overall" not in stats:
+        return None
+    methods = run.get("model", {}).get("methods") or ["gradcam"]
+    overall = stats["overall"].as_dict(methods)
+    rows = [{"method": m, "deletion_auc": overall[m]["deletion_auc"],
+             "insertion_auc": overall[m]["insertion_auc"], "n": overall[m]["faithfulness_n"]}
+            for m in methods if overall[m]["faithfulness_n"]]
+    return {"rows": rows} if rows else None
+
+
+def sanity(output: str) -> Optional[dict]:
+    rows = _read_rows(join(output, "sanity.parquet"))
+    if not rows:
+        return None
+    curves: Dict[str, List[dict]] = {}
+    for row in rows:
+        curves.setdefault(row["method"], []).append(row)
+    verdicts = {}
+    for method, curve in curves.items():
+        curve.sort(key=lambda r: r["step"])
+        last = curve[-1]
+        verdicts[method] = {"flagged": bool(last["flagged"]),
+                            "spearman_fully_random": as_number(last["spearman_mean"]),
+                            "examples": last["examples"]}
+        verdicts[method]["statement"] = sanity_statement(method, verdicts[method])
+    return {"curves": curves, "verdicts": verdicts}
+
+
+def sanity_statement(method: str, result: dict) -> str:
+    """The plain sentence the report prints for a method's sanity check."""
+    name, rho = METHOD_NAMES.get(method, method), result["spearman_fully_random"]
+    rho_text = "n/a" if rho is None else f"{rho:.2f}"
+    if result["flagged"]:
+        return (f"{name} fails its sanity check: its maps still correlate {rho_text} (Spearman) "
+                "with those of a fully randomized model, so they show the image more than what "
+                "the model uses. Do not rely on them.")
+    return (f"{name} passes its sanity check: its maps correlate {rho_text} with those of a "
+            f"fully randomized model ({result['examples']} examples).")
+
+
+def layer_sweep_summary(output: str) -> Optional[dict]:
+    rows = _read_rows(join(output, "layer_sweep.parquet"))
+    if not rows:
+        return None
+    overall = sorted((r for r in rows if r["slice"] == "overall"), key=lambda r: r["depth"] or 0)
+    for row in overall:
+        row["lift"] = (row["energy"] / row["area"]
+                       if row.get("energy") is not None and row.get("area") else None)
+    best = max((r for r in overall if r["lift"] is not None), key=lambda r: r["lift"],
+               default=None)
+    return {"overall": overall, "best_layer": best and best["layer"]}
+
+
+def _patch_grid(rows: Sequence[dict]) -> Optional[List[List[Optional[float]]]]:
+    cells = {}
+    for row in rows:
+        parts = row["feature"].split("_")
+        if len(parts) == 3 and parts[0] == "patch" and parts[1][0] == "r" and parts[2][0] == "c":
+            cells[(int(parts[1][1:]), int(parts[2][1:]))] = as_number(row["importance"])
+    if not cells:
+        return None
+    height, width = max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1
+    return [[cells.get((r, c)) for c in range(width)] for r in range(height)]
+
+
+def importance_section(output: str) -> Optional[dict]:
+    rows = _read_rows(join(output, "importance_summary.parquet"))
+    if not rows:
+        return None
+    by_metric: Dict[str, List[dict]] = {}
+    for row in rows:
+        by_metric.setdefault(row["metric"], []).append(row)
+    metric = "accuracy" if "accuracy" in by_metric else sorted(by_metric)[0]
+    shown = sorted(by_metric[metric], key=lambda r: -(as_number(r["importance"]) or 0.0))
+    return {"metric": metric, "metrics": sorted(by_metric), "features": shown,
+            "patch_grid": _patch_grid(shown),
+            "channels": [r for r in shown if r["feature"].startswith("channel_")]}
