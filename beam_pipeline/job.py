@@ -324,6 +324,10 @@ def _check_dry_run(options: PipelineOptions) -> None:
             "bucket name: lowercase letters, digits, dashes); without it Beam would go online "
             "to create a default bucket."
         )
+    errors = validator.validate()  # what Beam checks before translating (project id, region...)
+    if errors:
+        raise OptionError("Dataflow would refuse the options: " + " ".join(
+            e.strip() for e in errors))
 
 
 def _local_paths(req: AuditRequest) -> List[str]:
@@ -353,10 +357,7 @@ def _translate_only(req: AuditRequest, plan: Plan, beam_args: Sequence[str], fin
     start = time.perf_counter()
     p = make_pipeline(beam_args)
     pipeline.build_pipeline(p, plan.config)
-    try:
-        result = p.run()
-    except ValueError as exc:  # Beam's option validation (e.g. an invalid project id)
-        raise OptionError(f"Dataflow refuses the options: {str(exc).strip()}") from None
+    result = p.run()
     graph_bytes = len(result.job.proto_pipeline.SerializeToString())
     if graph_bytes >= DATAFLOW_GRAPH_LIMIT_BYTES:
         raise OptionError(
