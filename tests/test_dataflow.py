@@ -277,7 +277,7 @@ def test_readme_documents_the_dataflow_command():
     # Every flag the documented commands pass is one the CLI accepts (no typos in the README).
     parser = cli.build_parser()
     commands = re.findall(r"xai-audit run[^`]*?(?=\n\n|```)", section, re.S)
-    assert commands
+    assert len(commands) == 3  # container, --setup_file, dry run
     for command in commands:
         args = command.replace("\\\n", " ").split()[1:]
         args, beam_args = parser.parse_known_args(args)
