@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -49,7 +50,11 @@ def read_parquet_folder(uri):
     return pd.concat(frames, ignore_index=True)
 
 
-def test_model_data_masks_and_output_all_on_an_object_store_scheme(tmp_path, rng, bucket):
+def test_model_data_masks_and_output_all_on_an_object_store_scheme(
+        tmp_path, rng, bucket, monkeypatch):
+    scratch = tmp_path / "scratch"  # the process's temp folder, to see what is left in it
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     local = tmp_path / "local"
     manifest = make_manifest(str(local / "data"), rng, n=12, num_classes=2)
     gap_model(num_classes=2).save(local / "model.keras")
@@ -83,6 +88,8 @@ def test_model_data_masks_and_output_all_on_an_object_store_scheme(tmp_path, rng
     # No staging folder or temp object left behind.
     names = [m.path[len(output) + 1:] for m in FileSystems.match([f"{output}/**"])[0].metadata_list]
     assert not [n for n in names if n.startswith(".") or "beam-temp" in n], names
+    # The local copies of the remote model and TFMA results are gone too.
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("xai-audit-")]
 
     # The folder now holds a run: refused without --overwrite, replaced with it.
     again = ["run", "--model", f"{bucket}/in/model.keras", "--data",
