@@ -476,6 +476,8 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     if dry_run:
         _check_dry_run(options)
     _check_remote_paths(req, options, dry_run)
+    if not dry_run and not req.overwrite:  # refuse before the (slow) planning; reads only
+        outputs.refuse_earlier_run(req.output.rstrip("/"))
     plan = plan_audit(req)
     config = plan.config
     final = config.output
@@ -487,6 +489,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
 
     outputs.prepare_folder(final, req.overwrite)
     outputs.start_staging(staging, run_id, started)
+    promoting = False
     try:
         start = time.perf_counter()
         p = make_pipeline(beam_args)
@@ -499,10 +502,14 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         result.wait_until_finish()
         plan.timings["pipeline_s"] = time.perf_counter() - start
         start = time.perf_counter()
+        promoting = True
         outputs.promote(staging, final)
         plan.timings["promote_outputs_s"] = time.perf_counter() - start
     except BaseException:
-        outputs.abandon(staging)
+        # Before promotion nothing final exists: drop the staging folder. During it, keep the
+        # folder (its marker tells the next run these are an unfinished run's leftovers).
+        if not promoting:
+            outputs.abandon(staging)
         raise
     config.output = final
 

@@ -129,6 +129,13 @@ def refusal_message(state: FolderState) -> str:
     )
 
 
+def refuse_earlier_run(output: str) -> None:
+    """OutputExistsError when ``output`` holds a previous run (reads only)."""
+    state = inspect_folder(output)
+    if state.finished_run:
+        raise OutputExistsError(refusal_message(state))
+
+
 def prepare_folder(output: str, overwrite: bool) -> FolderState:
     """Make ``output`` ready for a new run, or raise OutputExistsError (see the module doc)."""
     state = inspect_folder(output)

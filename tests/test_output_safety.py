@@ -2,6 +2,7 @@
 --overwrite (then replaced, never mixed), a run killed half-way leaves no half-written final file,
 and the next run cleans its leftovers and completes."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -154,8 +155,16 @@ def test_a_run_killed_half_way_leaves_no_final_files_and_the_rerun_completes(tmp
     state = outputs.inspect_folder(str(out))
     assert state.outputs == [] and len(state.unfinished) == 1 and not state.finished_run
 
-    # The rerun needs no --overwrite: the leftovers are no run anyone can read.
-    assert cli.main(argv) == 0
+    # The rerun needs no --overwrite: the leftovers are no run anyone can read; the log says so.
+    lines = []
+    collect = logging.Handler()
+    collect.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("xai_audit").addHandler(collect)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        logging.getLogger("xai_audit").removeHandler(collect)
+    assert any("leftovers of an unfinished run" in line for line in lines), lines
     attributions, errors, run = read_outputs(out)
     assert_accounting(attributions, errors, pd.read_csv(manifest).id)
     assert run["counts"]["examples_in"] == 150 and run["counts"]["accounting_ok"]
