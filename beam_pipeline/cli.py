@@ -20,7 +20,9 @@ from .errors import AuditError  # noqa: E402
 EPILOG = (
     "Beam pipeline options pass through, e.g. --runner DataflowRunner --project P --region R "
     "--temp_location gs://B/tmp, or --direct_num_workers 2 --direct_running_mode "
-    "multi_processing. Without --runner the job runs locally on Beam's FnApiRunner."
+    "multi_processing. Without --runner the job runs locally on Beam's FnApiRunner. "
+    "Add --dry_run --no_auth to a DataflowRunner command to translate the job offline without "
+    "submitting it or writing anything."
 )
 
 
@@ -98,6 +100,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="examples per permutation shard [256]")
     run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an earlier run in --output (its outputs are removed first); "
+                          "without it a folder holding a run is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +153,18 @@ def _check_beam_args(parser: argparse.ArgumentParser, beam_args: Sequence[str]) 
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
+def _normalize_dry_run(beam_args: Sequence[str]) -> List[str]:
+    """Beam's --dry_run takes a value; a bare ``--dry_run`` (the usual way to write a flag)
+    becomes ``--dry_run=True`` instead of swallowing the next option or failing."""
+    args = list(beam_args)
+    for i, arg in enumerate(args):
+        if arg in ("--dry_run", "--dry-run"):
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or following.startswith("-"):
+                args[i] = "--dry_run=True"
+    return args
+
+
 def _configure_logging() -> None:
     # TensorFlow/absl install a root handler on import, so ours gets its own handler.
     ours = logging.getLogger("xai_audit")
@@ -185,6 +202,7 @@ def _request_from_args(args) -> "AuditRequest":
         ig_baseline=args.ig_baseline, faithfulness_sample=args.faithfulness_sample,
         sanity_sample=args.sanity_sample,
         permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
+        overwrite=args.overwrite,
     )
 
 
@@ -192,6 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     _check_beam_args(parser, beam_args)
+    beam_args = _normalize_dry_run(beam_args)
     _configure_logging()
     try:
         if args.command == "run":

@@ -80,8 +80,10 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
              figures["train_seconds"], figures["train_accuracy"], model_path)
     _add_truncated_scan(manifest)  # after training, which reads every scan
     LOG.info("Demo data: %d scans from 3 sites in %s", examples + 1, data_dir)
+    # The demo owns its folder: a second demo replaces the first one's audit.
     request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed,
-                               max_slice_gap=DEMO_SLICE_GAPS, methods=tuple(methods), layer=layer)
+                               max_slice_gap=DEMO_SLICE_GAPS, methods=tuple(methods), layer=layer,
+                               overwrite=True)
     code = job.run_audit(request, beam_args)
     with open(os.path.join(output, "run.json")) as handle:
         run = json.load(handle)

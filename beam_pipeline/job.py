@@ -3,6 +3,11 @@
 ``plan_audit`` validates everything that can be validated before a worker starts (data, model,
 layer, classes, options) and raises ``AuditError`` with advice; ``run_audit`` runs the pipeline,
 reads the outputs back to count them, writes run.json and returns the exit code.
+
+The pipeline writes into a staging folder inside ``--output`` and the files get their final names
+only when it has finished, run.json last (``outputs``): a killed run leaves no half-written final
+file, and an earlier run in the folder is refused unless ``--overwrite``. With Beam's
+``--dry_run`` (DataflowRunner) the job is only translated: nothing is written, nothing submitted.
 """
 import io
 import logging
@@ -16,12 +21,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from . import (attribution_methods, decode, evaluation, importance, layer_sweep, model_io,
-               pipeline, runinfo, sources)
+               outputs, pipeline, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError
 
 LOG = logging.getLogger("xai_audit")
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
+DATAFLOW_RUNNERS = ("DataflowRunner", "TestDataflowRunner")
+DATAFLOW_GRAPH_LIMIT_BYTES = 10 * 1024 * 1024
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_GATE, EXIT_ERROR_RATE, EXIT_REPORT = 0, 1, 2, 3, 4, 5
 
@@ -63,6 +70,7 @@ class AuditRequest:
     permutation_features: str = "patches:4x4"
     permutation_repeats: int = 3
     shard_size: int = 256
+    overwrite: bool = False  # replace an earlier run in --output (else it is refused)
 
 
 @dataclass
@@ -279,17 +287,91 @@ def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
-def _clear_outputs(output: str) -> None:
-    """Remove the outputs of an earlier run in the same folder, so none mixes in."""
-    for sub, pattern in (("attributions", "*.parquet"), ("errors", "*.parquet"), ("tfma", "*"),
-                         ("importance", "*.parquet"), ("", "importance_summary.parquet"),
-                         ("", "layer_sweep*.parquet"), ("", "sanity.parquet")):
-        folder = FileSystems.join(output, sub) if sub else output
-        matches = FileSystems.match([FileSystems.join(folder, pattern)])[0].metadata_list
-        stale = [m.path for m in matches]
-        if stale:
-            LOG.info("Removing %d output files of an earlier run in %s", len(stale), folder)
-            FileSystems.delete(stale)
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Beam's ``--dry_run`` takes a value (``--dry_run=True``); the CLI turns a bare flag into it."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    return str(options.view_as(TestOptions).dry_run).strip().lower() in ("true", "1", "yes")
+
+
+def _is_dataflow(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner or ""
+    return runner.split(".")[-1] in DATAFLOW_RUNNERS
+
+
+def _check_dry_run(options: PipelineOptions) -> None:
+    """A dry run is Dataflow's translation without submission; make sure it stays offline.
+
+    With no valid ``gs://`` temp or staging location Beam goes online to find or create a
+    default bucket, so a dry run refuses that up front (exit 1) instead of hanging offline.
+    """
+    if not _is_dataflow(options):
+        raise OptionError(
+            "--dry_run translates the job for Dataflow without submitting it: it needs "
+            "--runner DataflowRunner (with --project, --region, --temp_location gs://...)."
+        )
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
+
+    cloud = options.view_as(GoogleCloudOptions)
+    validator = PipelineOptionsValidator(options, DataflowRunner())
+    temp_errors = validator.validate_gcs_path(cloud, "temp_location")
+    staging_errors = validator.validate_gcs_path(cloud, "staging_location")
+    if temp_errors and staging_errors:
+        raise OptionError(
+            f"{temp_errors[0].strip()} A dry run needs --temp_location gs://BUCKET/PATH (a valid "
+            "bucket name: lowercase letters, digits, dashes); without it Beam would go online "
+            "to create a default bucket."
+        )
+    errors = validator.validate()  # what Beam checks before translating (project id, region...)
+    if errors:
+        raise OptionError("Dataflow would refuse the options: " + " ".join(
+            e.strip() for e in errors))
+
+
+def _local_paths(req: AuditRequest) -> List[str]:
+    return [f"--{name} {value}" for name, value in
+            (("model", req.model), ("data", req.data), ("output", req.output))
+            if "://" not in value]
+
+
+def _check_remote_paths(req: AuditRequest, options: PipelineOptions, dry_run: bool) -> None:
+    """Dataflow workers cannot see the launcher's disk: model, data and output must be URIs."""
+    local = _local_paths(req) if _is_dataflow(options) else []
+    if not local:
+        return
+    text = (f"{', '.join(local)}: Dataflow workers cannot read the launcher's local files; "
+            "upload them to gs:// and give those URIs.")
+    if not dry_run:
+        raise OptionError(text)
+    LOG.warning("Dry run: %s (the real run will refuse local paths)", text)
+
+
+def _translate_only(req: AuditRequest, plan: Plan, beam_args: Sequence[str], final: str) -> int:
+    """--dry_run: translate the real pipeline for Dataflow; write nothing, submit nothing."""
+    state = outputs.inspect_folder(final)  # reads only
+    if state.finished_run and not req.overwrite:
+        LOG.warning("Dry run: the real run would refuse %s: %s", final,
+                    outputs.refusal_message(state))
+    start = time.perf_counter()
+    p = make_pipeline(beam_args)
+    pipeline.build_pipeline(p, plan.config)
+    result = p.run()
+    graph_bytes = len(result.job.proto_pipeline.SerializeToString())
+    if graph_bytes >= DATAFLOW_GRAPH_LIMIT_BYTES:
+        raise OptionError(
+            f"The translated job graph is {graph_bytes / 1e6:.1f} MB, above Dataflow's 10 MB "
+            "limit; Dataflow would reject the job."
+        )
+    LOG.info(
+        "Dry run: the job translated for Dataflow in %.1f s (serialized pipeline graph %d bytes, "
+        "%.2f%% of Dataflow's 10 MB limit; %d transforms). Nothing was submitted and nothing "
+        "was written to %s.", time.perf_counter() - start, graph_bytes,
+        100 * graph_bytes / DATAFLOW_GRAPH_LIMIT_BYTES,
+        len(result.job.proto_pipeline.components.transforms), final,
+    )
+    return EXIT_OK
 
 
 def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
@@ -316,8 +398,9 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
     if plan.config.eval_config is None:
         return {"skipped_because": plan.tfma_skipped_because}, []
     tfma_dir = pipeline.output_path(plan.config.output, "tfma")
-    table = evaluation.read_tfma_results(tfma_dir)
-    gates = evaluation.threshold_gates(tfma_dir)
+    with outputs.local_folder(tfma_dir) as readable:
+        table = evaluation.read_tfma_results(readable)
+        gates = evaluation.threshold_gates(readable)
     gates += evaluation.slice_gap_gates(
         table, evaluation.parse_slice_gaps(req.max_slice_gap), plan.config.source.slice_types)
     summary = {
@@ -382,24 +465,56 @@ def _exit_code(gates: List[dict]) -> int:
 
 
 def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
-    """Plan, run, account, gate. Returns the exit code (DESIGN.md)."""
+    """Plan, run, account, gate. Returns the exit code (DESIGN.md).
+
+    Outputs are written into a staging folder and promoted to their final names after the
+    pipeline, run.json last (``outputs``); a ``--dry_run`` stops after translating the job.
+    """
     started = runinfo.now_iso()
+    options = PipelineOptions(list(beam_args))
+    dry_run = is_dry_run(options)
+    if dry_run:
+        _check_dry_run(options)
+    _check_remote_paths(req, options, dry_run)
+    if not dry_run and not req.overwrite:  # refuse before the (slow) planning; reads only
+        outputs.refuse_earlier_run(req.output.rstrip("/"))
     plan = plan_audit(req)
     config = plan.config
-    _clear_outputs(config.output)
-    start = time.perf_counter()
-    p = make_pipeline(beam_args)
-    pipeline.build_pipeline(p, config)
-    plan.timings["build_pipeline_s"] = time.perf_counter() - start
-    LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
-             config.output)
-    start = time.perf_counter()
-    result = p.run()
-    result.wait_until_finish()
-    plan.timings["pipeline_s"] = time.perf_counter() - start
+    final = config.output
+    run_id = outputs.new_run_id()
+    staging = outputs.staging_path(final, run_id)
+    config.output = staging  # every transform writes under the staging folder
+    if dry_run:
+        return _translate_only(req, plan, beam_args, final)
+
+    outputs.prepare_folder(final, req.overwrite)
+    outputs.start_staging(staging, run_id, started)
+    promoting = False
+    try:
+        start = time.perf_counter()
+        p = make_pipeline(beam_args)
+        pipeline.build_pipeline(p, config)
+        plan.timings["build_pipeline_s"] = time.perf_counter() - start
+        LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
+                 final)
+        start = time.perf_counter()
+        result = p.run()
+        result.wait_until_finish()
+        plan.timings["pipeline_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        promoting = True
+        outputs.promote(staging, final)
+        plan.timings["promote_outputs_s"] = time.perf_counter() - start
+    except BaseException:
+        # Before promotion nothing final exists: drop the staging folder. During it, keep the
+        # folder (its marker tells the next run these are an unfinished run's leftovers).
+        if not promoting:
+            outputs.abandon(staging)
+        raise
+    config.output = final
 
     counters = runinfo.beam_counters(result)
-    counts = _count_outputs(config.output, counters)
+    counts = _count_outputs(final, counters)
     error_gate = {
         "gate": "max_error_rate",
         "passed": counts["error_rate"] <= req.max_error_rate,
@@ -419,9 +534,12 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     gates = [error_gate, *tfma_gates]
     exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
     payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
-    runinfo.write_json(pipeline.output_path(config.output, "run.json"), payload)
-    _log_summary(payload, config.output)
-    report_written = write_report_after_run(config.output)
+    payload["run_id"] = run_id
+    # run.json last and atomically: its presence means every other output is complete.
+    outputs.write_json_atomic(pipeline.output_path(final, outputs.RUN_JSON), payload)
+    outputs.finish(staging)
+    _log_summary(payload, final)
+    report_written = write_report_after_run(final)
     if evaluation_error:
         raise evaluation_error
     if not report_written and exit_code == EXIT_OK:

@@ -9,6 +9,7 @@
 """
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -59,9 +60,22 @@ def _localize(path: str) -> str:
     return local_dir
 
 
+def _drop_local_copy(path: str, local: str) -> None:
+    """Remove the temporary copy ``_localize`` made of a remote model (nothing for local ones)."""
+    if local != path:
+        shutil.rmtree(os.path.dirname(local.rstrip(os.sep)), ignore_errors=True)
+
+
 def model_sha256(path: str) -> str:
     """SHA-256 of the model file, or of the sorted (relative path, file hash) list of a directory."""
     local = _localize(path)
+    try:
+        return _local_sha256(local)
+    finally:
+        _drop_local_copy(path, local)
+
+
+def _local_sha256(local: str) -> str:
     if os.path.isdir(local):
         digest = hashlib.sha256()
         for root, _, files in sorted(os.walk(local)):
@@ -90,7 +104,14 @@ def load_model(path: str, unsafe_deserialization: bool = False):
     except Exception as exc:
         raise ModelLoadError(f"The model {path} could not be read ({exc}).") from None
     if os.path.isdir(local):
-        return _load_saved_model(local)
+        return _load_saved_model(local)  # the copy stays: a SavedModel may read assets later
+    try:
+        return _load_model_file(path, local, unsafe_deserialization)
+    finally:  # the whole file has been read into the model
+        _drop_local_copy(path, local)
+
+
+def _load_model_file(path: str, local: str, unsafe_deserialization: bool):
     lower = local.lower()
     if not lower.endswith((".keras", ".h5", ".hdf5")):
         raise ModelLoadError(

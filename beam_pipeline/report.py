@@ -22,9 +22,8 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import jinja2
-from apache_beam.io.filesystems import FileSystems
 
-from . import report_gallery, report_plots, report_summary, report_text, runinfo
+from . import outputs, report_gallery, report_plots, report_summary, report_text, runinfo
 from .errors import AuditError
 from .report_summary import METHOD_NAMES, SliceStats, exists, join
 
@@ -195,8 +194,9 @@ def write_report(output: str) -> str:
         summary["gallery_note"] = (f"Thumbnails show the map alone where the image could not be "
                                    f"re-read: {pictures['gallery_note']}.")
     html = render_html(summary, pictures)
-    runinfo.write_json(join(output, "report", "summary.json"), summary)
+    # Temp name then rename: a run killed while reporting leaves the old report or none, never
+    # half a page (re-render with `xai-audit report DIR`).
+    outputs.write_json_atomic(join(output, "report", "summary.json"), summary)
     index = join(output, "report", "index.html")
-    with FileSystems.create(index, mime_type="text/html") as handle:
-        handle.write(html.encode("utf-8"))
+    outputs.write_bytes_atomic(index, html.encode("utf-8"), "text/html")
     return index

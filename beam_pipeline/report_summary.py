@@ -27,7 +27,7 @@ NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction", "calibration
 # The metric that orders slices "worst first", in order of preference.
 PRIMARY_METRICS = ("auc", "binary_accuracy", "accuracy", "precision[topK:1]")
 METHOD_NAMES = {
-    "gradcam": "Grad-CAM", "cam": "CAM", "saliency": "Saliency", "smoothgrad": "SmoothGrad",
+    "gradcam": "Grad-CAM", "gradcam_plus_plus": "Grad-CAM++", "cam": "CAM", "saliency": "Saliency", "smoothgrad": "SmoothGrad",
     "integrated_gradients": "Integrated Gradients",
 }
 

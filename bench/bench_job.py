@@ -198,7 +198,7 @@ def measure_job(model_path: str, manifest: str, output: str, batch_size: int, be
     extra = {} if full else {"tfma_config": "none", "permutation_features": "none",
                              "faithfulness_sample": 0, "sanity_sample": 0}
     req = AuditRequest(model=model_path, data=manifest, output=output, batch_size=batch_size,
-                       **extra)
+                       overwrite=True, **extra)  # every round replaces the previous one
     clear_shared_models()  # every round pays for its own model load and trace, as a fresh job does
     start = time.perf_counter()
     code = run_audit(req, list(beam_args))

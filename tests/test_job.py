@@ -199,7 +199,7 @@ def test_bad_input_manifest_every_example_accounted(tmp_path, rng, saved_model):
     assert len(attributions) == 6
     # The same data passes when the threshold allows it.
     assert run_cli("run", "--model", saved_model, "--data", manifest, "--output", out,
-                   "--max-error-rate", "0.7") == 0
+                   "--max-error-rate", "0.7", "--overwrite") == 0
 
 
 def test_h5_and_keras2_savedmodel_give_the_same_rows(tmp_path, folder_dataset):
