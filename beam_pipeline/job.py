@@ -63,6 +63,7 @@ class AuditRequest:
     permutation_features: str = "patches:4x4"
     permutation_repeats: int = 3
     shard_size: int = 256
+    allow_paths_outside_data: bool = False
 
 
 @dataclass
@@ -173,7 +174,8 @@ def plan_audit(req: AuditRequest) -> Plan:
     timings = {}
     start = time.perf_counter()
     columns = sources.ColumnNames(req.image_column, req.label_column, req.mask_column, req.id_column)
-    spec = sources.inspect_source(req.data, columns, req.slice_columns)
+    spec = sources.inspect_source(req.data, columns, req.slice_columns,
+                                  req.allow_paths_outside_data)
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
