@@ -273,12 +273,31 @@ def summarize(feature: str, metric: str, rows: Iterable[dict]) -> dict:
     """
     per_repeat: Dict[int, Tuple[dict, dict]] = {}
     for row in rows:
-        if row["repeat"] in per_repeat:
-            base, perm = per_repeat[row["repeat"]]
-            per_repeat[row["repeat"]] = (add_partials(base, row["baseline"]),
-                                         add_partials(perm, row["permuted"]))
-        else:
-            per_repeat[row["repeat"]] = (row["baseline"], row["permuted"])
+        add_row(per_repeat, row)
+    return summary_of(feature, metric, per_repeat)
+
+
+def add_row(per_repeat: Dict[int, Tuple[dict, dict]], row: dict) -> Dict[int, Tuple[dict, dict]]:
+    """Add one raw row's partials into ``per_repeat`` ({repeat: (baseline, permuted) sums})."""
+    if row["repeat"] in per_repeat:
+        base, perm = per_repeat[row["repeat"]]
+        per_repeat[row["repeat"]] = (add_partials(base, row["baseline"]),
+                                     add_partials(perm, row["permuted"]))
+    else:
+        per_repeat[row["repeat"]] = (row["baseline"], row["permuted"])
+    return per_repeat
+
+
+def merge_repeats(accumulators: Iterable[Dict[int, Tuple[dict, dict]]]):
+    merged: Dict[int, Tuple[dict, dict]] = {}
+    for accumulator in accumulators:
+        for repeat, (base, perm) in accumulator.items():
+            add_row(merged, {"repeat": repeat, "baseline": base, "permuted": perm})
+    return merged
+
+
+def summary_of(feature: str, metric: str, per_repeat: Dict[int, Tuple[dict, dict]]) -> dict:
+    """The global figures of one (feature, metric) from its per-repeat sums over all shards."""
     values = [importance_of(metric, metric_value(b, metric), metric_value(p, metric))
               for b, p in per_repeat.values()]
     values = [v for v in values if v is not None]

@@ -512,18 +512,40 @@ class PermutationImportance(beam.PTransform):
             | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
             | "WriteImportance" >> beam.io.WriteToParquet(
                 output_path(cfg.output, "importance", "part"), IMPORTANCE_SCHEMA,
-                file_name_suffix=".parquet")
+                file_name_suffix=".parquet",
+                # The AUC rows carry 4 x 1000-bucket histograms per class: buffer fewer of them
+                # as Python rows (Beam's default is 1000 rows, then 64 MB of Arrow).
+                record_batch_size=64, row_group_buffer_size=16 << 20)
         )
+        # An additive CombineFn, not a GroupByKey: each worker pre-sums its shards, so the
+        # summary holds one accumulator per feature however many shards there are.
         return (
             raw
-            | "ByFeatureMetric" >> beam.FlatMap(
-                lambda row: [((row["feature"], metric), row) for metric in importance.METRICS])
-            | "GroupFeatureMetric" >> beam.GroupByKey()
-            | "Summarize" >> beam.MapTuple(lambda key, rows: importance.summarize(*key, rows))
+            | "ByFeature" >> beam.Map(lambda row: (row["feature"], row))
+            | "SumShards" >> beam.CombinePerKey(SumImportancePartials())
+            | "Summarize" >> beam.FlatMapTuple(lambda feature, per_repeat: [
+                importance.summary_of(feature, metric, per_repeat)
+                for metric in importance.METRICS])
             | "WriteSummary" >> beam.io.WriteToParquet(
                 output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
+
+
+class SumImportancePartials(beam.CombineFn):
+    """Raw importance rows of one feature → {repeat: (baseline, permuted) partial sums}."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, accumulator, row):
+        return importance.add_row(accumulator, row)
+
+    def merge_accumulators(self, accumulators):
+        return importance.merge_repeats(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
 class LayerSweepTable(beam.PTransform):

@@ -143,9 +143,14 @@ def run_job(model: str, manifest: str, output: str, job_args, poll_s: float) -> 
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        peak = 0
+        peak, trace, last = 0, [], -1.0
         while proc.poll() is None:
-            peak = max(peak, _tree_rss_bytes(proc.pid))
+            rss = _tree_rss_bytes(proc.pid)
+            peak = max(peak, rss)
+            now = time.perf_counter() - start
+            if now - last >= 5:  # a coarse RSS-over-time trace, to see where memory goes
+                trace.append((round(now, 1), round(rss / 2**20)))
+                last = now
             time.sleep(poll_s)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -168,6 +173,7 @@ def run_job(model: str, manifest: str, output: str, job_args, poll_s: float) -> 
         "max_child_rss_mb": max(after, before) / 1024 if after > before else None,
         "output_bytes_per_example": _folder_bytes(output) / counts["examples_in"],
         "log": log_path,
+        "rss_trace_s_mb": trace,
         "command": cmd,
     }
 

@@ -443,6 +443,14 @@ def test_a_rerun_with_the_same_seed_gives_identical_outputs(manifest_run, model3
         for column in a.columns:
             left, right = a[column].tolist(), b[column].tolist()
             assert _bitwise(left) == _bitwise(right), f"{name}.{column} differs"
+    # The comparison has teeth: another seed draws other permutations.
+    third = str(manifest_run["root"] / "other_seed")
+    run_cli("run", "--model", model3, "--data", manifest_run["manifest"], "--output", third,
+            "--seed", "1", "--tfma-config", "none", "--faithfulness-sample", "0",
+            "--sanity-sample", "0")
+    keys = ["shard", "feature", "repeat", "metric"]
+    assert (table(first, "importance", keys).permuted.tolist()
+            != table(third, "importance", keys).permuted.tolist())
 
 
 def _bitwise(values):
