@@ -620,12 +620,14 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         unique.refs
         | "Decode" >> beam.ParDo(DecodeExamples(config)).with_outputs(ERRORS, main="examples")
     )
-    # Sampling rates and importance buckets come from the number of refs (examples with a
-    # unique id, before decoding): counting refs, not decoded images, keeps the images inside one
-    # fused stage from decoding to writing.
+    # Sampling rates and importance buckets come from the number of refs as enumerated, before
+    # the grouping by id: a side input computed upstream of that grouping is ready before the
+    # stage that decodes, so decoding, explaining and writing stay one fused stage and decoded
+    # images are never held between stages (a side input computed from the decoded examples, or
+    # from the grouped refs, would make a local runner buffer every decoded image).
     sampling = config.faithfulness_sample or config.sanity_sample
     count = beam.pvalue.AsSingleton(
-        unique.refs | "CountExamples" >> beam.combiners.Count.Globally())
+        enumerated.refs | "CountExamples" >> beam.combiners.Count.Globally())
     total = count if sampling else 0
     explained = (
         decoded.examples
