@@ -300,16 +300,13 @@ def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
     error_types = runinfo.read_column(pipeline.output_path(output, "errors"), "error_type")
     failed, total = len(error_types), len(ok_ids) + len(error_types)
     examples_in = int(counters.get("examples_in", total))
-    by_type: Dict[str, int] = {}
-    for name in error_types:
-        by_type[name] = by_type.get(name, 0) + 1
     return {
         "examples_in": examples_in,
         "examples_ok": len(ok_ids),
         "examples_failed": failed,
         "error_rate": failed / total if total else 0.0,
-        "errors_by_type": by_type,
-        "accounting_ok": examples_in == total and len(set(ok_ids)) == len(ok_ids),
+        "errors_by_type": runinfo.value_counts(error_types),
+        "accounting_ok": examples_in == total and runinfo.distinct_count(ok_ids) == len(ok_ids),
     }
 
 
