@@ -16,15 +16,14 @@ manifest paths leading outside the manifest's folder are ``path_outside_data`` e
 import collections
 import json
 import os
-import zlib
 import struct
+import zlib
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from beam_pipeline import cli
 from conftest import IMAGE_SIZE, gap_model, png_bytes, random_image, write_png
