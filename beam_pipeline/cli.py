@@ -98,6 +98,10 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="permutations per feature per shard [3]")
     run.add_argument("--shard-size", type=int, default=256,
                      help="examples per permutation shard [256]")
+    run.add_argument("--allow-paths-outside-data", action="store_true",
+                     help="let manifest image/mask paths point outside the manifest's folder "
+                          "(../x.png, absolute paths, other buckets); without it such an example "
+                          "is an error row (path_outside_data)")
     run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
     run.add_argument("--overwrite", action="store_true",
@@ -203,6 +207,7 @@ def _request_from_args(args) -> "AuditRequest":
         sanity_sample=args.sanity_sample,
         permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
         overwrite=args.overwrite,
+        allow_paths_outside_data=args.allow_paths_outside_data,
     )
 
 

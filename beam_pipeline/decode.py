@@ -129,9 +129,19 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     return preprocess(_to_float_array(img, spec), spec.preprocess).astype(np.float32)
 
 
-def decode_mask(data: bytes, spec: ImageSpec) -> np.ndarray:
-    """Mask bytes → bool [H, W] at model resolution (nearest neighbour keeps it binary)."""
+def decode_mask(data: bytes, spec: ImageSpec,
+                image_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Mask bytes → bool [H, W] at model resolution (nearest neighbour keeps it binary).
+
+    With ``image_size`` (the image's own width, height), a mask of another size is refused
+    (``mask_size_mismatch``): resizing both to the model's input would silently misplace it."""
     img = _open_image(data, "mask", spec.max_image_pixels)
+    if image_size is not None and img.size != tuple(image_size):
+        raise ExampleError(
+            "decode", "mask_size_mismatch",
+            f"The mask is {img.size[0]}x{img.size[1]} pixels but its image is "
+            f"{image_size[0]}x{image_size[1]} (width x height); a mask must cover its image "
+            "pixel for pixel.")
     try:
         if img.mode in _SIXTEEN_BIT_MODES:
             arr = np.asarray(img, dtype=np.float32)
@@ -198,8 +208,9 @@ def decode_example(
 ) -> DecodedExample:
     """Decode one example whose bytes have been read; raises ExampleError on bad input."""
     label = parse_label(ref.raw_label, class_names) if labeled else None
-    image = decode_image(image_bytes, spec)
-    mask = decode_mask(mask_bytes, spec) if mask_bytes is not None else None
+    img = _open_image(image_bytes, "image", spec.max_image_pixels)
+    image = preprocess(_to_float_array(img, spec), spec.preprocess).astype(np.float32)
+    mask = decode_mask(mask_bytes, spec, img.size) if mask_bytes is not None else None
     return DecodedExample(
         example_id=ref.example_id,
         source=ref.source,

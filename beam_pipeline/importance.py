@@ -121,17 +121,21 @@ def metric_partials(probabilities: np.ndarray, labels: np.ndarray) -> Dict[str, 
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels, np.int64)
     n, classes = probabilities.shape
-    chosen = probabilities[np.arange(n), labels]
-    buckets = np.minimum((probabilities * AUC_BUCKETS).astype(np.int64), AUC_BUCKETS - 1)
+    # A permuted image can drive the model to NaN/inf: that prediction counts as wrong, at the
+    # largest log-loss, and has no score for the AUC histograms.
+    finite = np.isfinite(probabilities).all(axis=1)
+    safe = np.where(finite[:, None], probabilities, 0.0)
+    chosen = safe[np.arange(n), labels]
+    buckets = np.clip((safe * AUC_BUCKETS).astype(np.int64), 0, AUC_BUCKETS - 1)
     pos = np.zeros((classes, AUC_BUCKETS), np.int64)
     neg = np.zeros((classes, AUC_BUCKETS), np.int64)
     for c in ([1] if classes == 2 else range(classes)):
         is_pos = labels == c
-        pos[c] = np.bincount(buckets[is_pos, c], minlength=AUC_BUCKETS)
-        neg[c] = np.bincount(buckets[~is_pos, c], minlength=AUC_BUCKETS)
+        pos[c] = np.bincount(buckets[is_pos & finite, c], minlength=AUC_BUCKETS)
+        neg[c] = np.bincount(buckets[~is_pos & finite, c], minlength=AUC_BUCKETS)
     return {
         "n": int(n),
-        "correct": int((probabilities.argmax(axis=1) == labels).sum()),
+        "correct": int(((safe.argmax(axis=1) == labels) & finite).sum()),
         "log_loss_sum": float(-np.log(np.clip(chosen, LOG_LOSS_EPS, 1.0)).sum()),
         "hist_pos": pos,
         "hist_neg": neg,
@@ -187,6 +191,13 @@ def shard_importance(
     """
     if baseline is None:
         baseline = predict_in_batches(predict, images, batch_size)
+    # Examples the model itself answers with NaN/inf are non_finite_output error rows of the main
+    # path; they are left out of the shard, as any other example that could not be audited.
+    finite = np.isfinite(baseline).all(axis=1)
+    if not finite.all():
+        images, labels, baseline = images[finite], labels[finite], baseline[finite]
+    if not len(images):
+        return []
     base = metric_partials(baseline, labels)
     rows = []
     work = images.copy()  # one buffer: each pass rewrites and restores just its block
@@ -262,12 +273,31 @@ def summarize(feature: str, metric: str, rows: Iterable[dict]) -> dict:
     """
     per_repeat: Dict[int, Tuple[dict, dict]] = {}
     for row in rows:
-        if row["repeat"] in per_repeat:
-            base, perm = per_repeat[row["repeat"]]
-            per_repeat[row["repeat"]] = (add_partials(base, row["baseline"]),
-                                         add_partials(perm, row["permuted"]))
-        else:
-            per_repeat[row["repeat"]] = (row["baseline"], row["permuted"])
+        add_row(per_repeat, row)
+    return summary_of(feature, metric, per_repeat)
+
+
+def add_row(per_repeat: Dict[int, Tuple[dict, dict]], row: dict) -> Dict[int, Tuple[dict, dict]]:
+    """Add one raw row's partials into ``per_repeat`` ({repeat: (baseline, permuted) sums})."""
+    if row["repeat"] in per_repeat:
+        base, perm = per_repeat[row["repeat"]]
+        per_repeat[row["repeat"]] = (add_partials(base, row["baseline"]),
+                                     add_partials(perm, row["permuted"]))
+    else:
+        per_repeat[row["repeat"]] = (row["baseline"], row["permuted"])
+    return per_repeat
+
+
+def merge_repeats(accumulators: Iterable[Dict[int, Tuple[dict, dict]]]):
+    merged: Dict[int, Tuple[dict, dict]] = {}
+    for accumulator in accumulators:
+        for repeat, (base, perm) in accumulator.items():
+            add_row(merged, {"repeat": repeat, "baseline": base, "permuted": perm})
+    return merged
+
+
+def summary_of(feature: str, metric: str, per_repeat: Dict[int, Tuple[dict, dict]]) -> dict:
+    """The global figures of one (feature, metric) from its per-repeat sums over all shards."""
     values = [importance_of(metric, metric_value(b, metric), metric_value(p, metric))
               for b, p in per_repeat.values()]
     values = [v for v in values if v is not None]

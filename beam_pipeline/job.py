@@ -71,6 +71,7 @@ class AuditRequest:
     permutation_repeats: int = 3
     shard_size: int = 256
     overwrite: bool = False  # replace an earlier run in --output (else it is refused)
+    allow_paths_outside_data: bool = False
 
 
 @dataclass
@@ -181,7 +182,8 @@ def plan_audit(req: AuditRequest) -> Plan:
     timings = {}
     start = time.perf_counter()
     columns = sources.ColumnNames(req.image_column, req.label_column, req.mask_column, req.id_column)
-    spec = sources.inspect_source(req.data, columns, req.slice_columns)
+    spec = sources.inspect_source(req.data, columns, req.slice_columns,
+                                  req.allow_paths_outside_data)
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -380,16 +382,13 @@ def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
     error_types = runinfo.read_column(pipeline.output_path(output, "errors"), "error_type")
     failed, total = len(error_types), len(ok_ids) + len(error_types)
     examples_in = int(counters.get("examples_in", total))
-    by_type: Dict[str, int] = {}
-    for name in error_types:
-        by_type[name] = by_type.get(name, 0) + 1
     return {
         "examples_in": examples_in,
         "examples_ok": len(ok_ids),
         "examples_failed": failed,
         "error_rate": failed / total if total else 0.0,
-        "errors_by_type": by_type,
-        "accounting_ok": examples_in == total and len(set(ok_ids)) == len(ok_ids),
+        "errors_by_type": runinfo.value_counts(error_types),
+        "accounting_ok": examples_in == total and runinfo.distinct_count(ok_ids) == len(ok_ids),
     }
 
 

@@ -185,7 +185,11 @@ def load_classifier(path: str, unsafe_deserialization: bool = False):
     with _CLASSIFIERS_LOCK:
         if key not in _CLASSIFIERS:
             model = load_model(path, unsafe_deserialization)
-            _CLASSIFIERS[key] = (model, prepare_classifier(model))
+            try:
+                info = prepare_classifier(model)
+            except ModelLoadError as exc:  # name the file: the user may be trying several
+                raise ModelLoadError(f"{path}: {exc}") from None
+            _CLASSIFIERS[key] = (model, info)
         return _CLASSIFIERS[key]
 
 

@@ -85,6 +85,48 @@ class EnumerateExamples(beam.DoFn):
                 yield ref
 
 
+def _ref_order(ref: ExampleRef) -> tuple:
+    """Which of several examples sharing an id is audited: the first by source, then by
+    content, so every run and runner keeps the same one whatever order the grouping yields."""
+    return (ref.source, repr(ref.raw_label), repr(sorted(ref.slices.items())),
+            ref.mask_path or "")
+
+
+class KeepOnePerId(beam.DoFn):
+    """(example id, refs) → the one ref audited under that id; any other ref with the same id
+    becomes a ``duplicate_id`` error row (under that id, with its own source), so every input
+    example is still accounted for exactly once and attribution ids stay unique.
+
+    One pass over the group: a group may be large (a constant id column) and is not held."""
+
+    def __init__(self):
+        self.duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
+
+    def process(self, id_and_refs):
+        example_id, refs = id_and_refs
+        kept = None
+        for ref in refs:
+            if kept is None:
+                kept = ref
+                continue
+            if _ref_order(ref) < _ref_order(kept):
+                ref, kept = kept, ref
+            self.duplicates.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(
+                example_id, ref.source, "read", "duplicate_id",
+                f"Another example of the dataset has the same id {example_id!r}; ids must be "
+                "unique, so only one of them (the first by source path) is audited. Give every "
+                "example its own id (the id column, or unique image paths)."))
+        yield kept
+
+
+def decode_ref(ref: ExampleRef, config: AuditConfig) -> DecodedExample:
+    """Read and decode one example (raises ExampleError)."""
+    image_bytes, mask_bytes = sources.read_example_bytes(ref)
+    return decode.decode_example(ref, config.image_spec, config.class_names, image_bytes,
+                                 mask_bytes, labeled=config.labeled)
+
+
 class DecodeExamples(beam.DoFn):
     """ExampleRef → DecodedExample (bytes read through FileSystems), or an error row."""
 
@@ -96,15 +138,7 @@ class DecodeExamples(beam.DoFn):
     def process(self, ref: ExampleRef):
         start = time.perf_counter()
         try:
-            image_bytes, mask_bytes = sources.read_example_bytes(ref)
-            example = decode.decode_example(
-                ref,
-                self.config.image_spec,
-                self.config.class_names,
-                image_bytes,
-                mask_bytes,
-                labeled=self.config.labeled,
-            )
+            example = decode_ref(ref, self.config)
         except ExampleError as exc:
             self.failed.inc()
             yield beam.pvalue.TaggedOutput(
@@ -412,10 +446,24 @@ class ShardImportance(beam.DoFn):
     def setup(self):
         self.predict = shared_predictor(self.config)
 
-    def process(self, bucket_and_examples):
-        bucket, examples = bucket_and_examples
+    def _labeled_examples(self, refs) -> List[DecodedExample]:
+        """The bucket's examples that decode with a label; the others are already error rows of
+        the main path (Decode), so they are simply left out here."""
+        examples = []
+        for ref in refs:
+            try:
+                example = decode_ref(ref, self.config)
+            except ExampleError:
+                continue
+            if example.label is not None:
+                examples.append(example)
+        return examples
+
+    def process(self, bucket_and_refs):
+        bucket, refs = bucket_and_refs
         cfg = self.config
-        for shard, members in importance.split_into_shards(bucket, list(examples), cfg.shard_size):
+        examples = self._labeled_examples(refs)
+        for shard, members in importance.split_into_shards(bucket, examples, cfg.shard_size):
             start = time.perf_counter()
             rows = importance.shard_importance(
                 self.predict,
@@ -434,25 +482,30 @@ class ShardImportance(beam.DoFn):
 
 
 class PermutationImportance(beam.PTransform):
-    """Decoded examples → DIR/importance/*.parquet (raw, per shard) and
-    DIR/importance_summary.parquet (global, combined exactly from the shards' partial sums)."""
+    """Example refs → DIR/importance/*.parquet (raw, per shard) and
+    DIR/importance_summary.parquet (global, combined exactly from the shards' partial sums).
 
-    def __init__(self, config: AuditConfig):
+    The refs (paths, a few hundred bytes each) are grouped into buckets and each bucket is decoded
+    where it is used: decoded images never go through a grouping step, so the job's memory does
+    not grow with the dataset (a local runner holds a grouping step's input in memory; Dataflow
+    writes it to its shuffle). Decoding a second time costs far less than the permuted passes.
+    """
+
+    def __init__(self, config: AuditConfig, count):
         super().__init__()
         self.config = config
+        self.count = count  # AsSingleton of the number of refs
 
-    def expand(self, examples):
+    def expand(self, refs):
         cfg = self.config
-        labeled = examples | "WithLabel" >> beam.Filter(lambda ex: ex.label is not None)
-        count = labeled | "CountLabeled" >> beam.combiners.Count.Globally()
 
-        def bucket_of(example, total):
+        def bucket_of(ref, total):
             buckets = max(1, math.ceil(total / cfg.shard_size))
-            return importance.shard_bucket(example.example_id, buckets), example
+            return importance.shard_bucket(ref.example_id, buckets), ref
 
         raw = (
-            labeled
-            | "ToBucket" >> beam.Map(bucket_of, beam.pvalue.AsSingleton(count))
+            refs
+            | "ToBucket" >> beam.Map(bucket_of, self.count)
             | "GroupBuckets" >> beam.GroupByKey()
             | "PermuteShards" >> beam.ParDo(ShardImportance(cfg))
         )
@@ -461,18 +514,40 @@ class PermutationImportance(beam.PTransform):
             | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
             | "WriteImportance" >> beam.io.WriteToParquet(
                 output_path(cfg.output, "importance", "part"), IMPORTANCE_SCHEMA,
-                file_name_suffix=".parquet")
+                file_name_suffix=".parquet",
+                # The AUC rows carry 4 x 1000-bucket histograms per class: buffer fewer of them
+                # as Python rows (Beam's default is 1000 rows, then 64 MB of Arrow).
+                record_batch_size=64, row_group_buffer_size=16 << 20)
         )
+        # An additive CombineFn, not a GroupByKey: each worker pre-sums its shards, so the
+        # summary holds one accumulator per feature however many shards there are.
         return (
             raw
-            | "ByFeatureMetric" >> beam.FlatMap(
-                lambda row: [((row["feature"], metric), row) for metric in importance.METRICS])
-            | "GroupFeatureMetric" >> beam.GroupByKey()
-            | "Summarize" >> beam.MapTuple(lambda key, rows: importance.summarize(*key, rows))
+            | "ByFeature" >> beam.Map(lambda row: (row["feature"], row))
+            | "SumShards" >> beam.CombinePerKey(SumImportancePartials())
+            | "Summarize" >> beam.FlatMapTuple(lambda feature, per_repeat: [
+                importance.summary_of(feature, metric, per_repeat)
+                for metric in importance.METRICS])
             | "WriteSummary" >> beam.io.WriteToParquet(
                 output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
+
+
+class SumImportancePartials(beam.CombineFn):
+    """Raw importance rows of one feature → {repeat: (baseline, permuted) partial sums}."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, accumulator, row):
+        return importance.add_row(accumulator, row)
+
+    def merge_accumulators(self, accumulators):
+        return importance.merge_repeats(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
 class LayerSweepTable(beam.PTransform):
@@ -534,15 +609,28 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         | "SpreadFiles" >> beam.Reshuffle()
         | "Enumerate" >> beam.ParDo(EnumerateExamples(spec)).with_outputs(ERRORS, main="refs")
     )
-    decoded = (
+    # Grouping by example id both spreads the examples over workers (as a Reshuffle would, at
+    # the same cost: one shuffle of the refs) and finds ids used more than once, wherever the
+    # examples came from.
+    unique = (
         enumerated.refs
-        | "SpreadExamples" >> beam.Reshuffle()
+        | "KeyById" >> beam.Map(lambda ref: (ref.example_id, ref))
+        | "GroupById" >> beam.GroupByKey()
+        | "UniqueIds" >> beam.ParDo(KeepOnePerId()).with_outputs(ERRORS, main="refs")
+    )
+    decoded = (
+        unique.refs
         | "Decode" >> beam.ParDo(DecodeExamples(config)).with_outputs(ERRORS, main="examples")
     )
+    # Sampling rates and importance buckets come from the number of refs as enumerated, before
+    # the grouping by id: a side input computed upstream of that grouping is ready before the
+    # stage that decodes, so decoding, explaining and writing stay one fused stage and decoded
+    # images are never held between stages (a side input computed from the decoded examples, or
+    # from the grouped refs, would make a local runner buffer every decoded image).
     sampling = config.faithfulness_sample or config.sanity_sample
-    total = (beam.pvalue.AsSingleton(
-        decoded.examples | "CountExamples" >> beam.combiners.Count.Globally())
-        if sampling else 0)
+    count = beam.pvalue.AsSingleton(
+        enumerated.refs | "CountExamples" >> beam.combiners.Count.Globally())
+    total = count if sampling else 0
     explained = (
         decoded.examples
         | "Batch" >> beam.BatchElements(
@@ -571,7 +659,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
     schema = attribution_schema(spec.slice_types, spec.has_masks, config.methods,
                                 bool(config.faithfulness_sample))
     if config.permutation_features:
-        _ = decoded.examples | "Importance" >> PermutationImportance(config)
+        _ = unique.refs | "Importance" >> PermutationImportance(config, count)
     if config.eval_config is not None:
         _ = explained.rows | "Evaluate" >> evaluation.EvaluateWithTFMA(
             config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),
@@ -581,7 +669,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"
     )
     _ = (
-        (enumerated[ERRORS], decoded[ERRORS], explained[ERRORS])
+        (enumerated[ERRORS], unique[ERRORS], decoded[ERRORS], explained[ERRORS])
         | "AllErrors" >> beam.Flatten()
         | "WriteErrors" >> beam.io.WriteToParquet(
             output_path(config.output, "errors", "part"), ERROR_SCHEMA, file_name_suffix=".parquet"

@@ -48,6 +48,9 @@ class SourceSpec:
     files: List[str] = field(default_factory=list)  # TFRecord files
     fingerprint: str = ""
     examples_expected: Optional[int] = None  # known up front for folders and manifests
+    # Manifest paths that resolve outside the manifest's folder (``../x.png``, an absolute path,
+    # another bucket) are error rows unless the user opts in (--allow-paths-outside-data).
+    allow_paths_outside_data: bool = False
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -76,6 +79,21 @@ def _resolve(base_dir: str, path: str) -> str:
     if "://" in path or os.path.isabs(path):
         return path
     return FileSystems.join(base_dir, path)
+
+
+def _normalized(path: str) -> str:
+    """``path`` with ``.`` and ``..`` segments folded (lexically; symlinks are not followed)."""
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(path)
+
+
+def is_inside(base_dir: str, path: str) -> bool:
+    """Whether ``path`` lies in ``base_dir`` or below it, after folding ``..`` segments."""
+    base, target = _normalized(base_dir).rstrip("/" + os.sep), _normalized(path)
+    sep = "/" if "://" in base else os.sep
+    return target.startswith(base + sep)
 
 
 def _parent(uri: str) -> str:
@@ -192,7 +210,10 @@ def _text_labels(values: pd.Series) -> Optional[List[str]]:
         return None
     present = [v for v in values if not (v is None or (isinstance(v, float) and np.isnan(v)))]
     texts = [str(v).strip() for v in present if str(v).strip()]
-    if all(t.lstrip("-").isdigit() for t in texts):
+    # Mostly class indices with a few stray words is a column of indices with bad values (those
+    # examples become unknown_label error rows), not a dataset with a class named "7".
+    indices = sum(t.lstrip("-").isdigit() for t in texts)
+    if indices * 2 >= len(texts):
         return None
     return sorted(set(texts))
 
@@ -210,13 +231,9 @@ def _inspect_manifest(
         )
     if len(frame) == 0:
         raise DataSourceError(f"The manifest {uri} has no rows: the dataset is empty.")
-    ids = frame[columns.id] if columns.id in frame.columns else frame[columns.image]
-    dupes = ids[ids.duplicated()].astype(str).unique()[:5]
-    if len(dupes):
-        raise DataSourceError(
-            f"The manifest {uri} lists the same example id more than once (e.g. "
-            f"{', '.join(dupes)}); every example needs a unique id (add an {columns.id!r} column)."
-        )
+    # Duplicate ids are not refused here: the pipeline's "UniqueIds" grouping step audits one
+    # example per id and turns the others into duplicate_id error rows (the same step covers
+    # TFRecords, whose ids the launcher never sees).
     reserved = {columns.image, columns.label, columns.mask, columns.id}
     if slice_columns is None:
         slice_columns = [c for c in frame.columns if c not in reserved]
@@ -239,7 +256,14 @@ def _inspect_manifest(
     )
 
 
-def _iter_manifest_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
+def _outside_data_error(spec: SourceSpec, example_id: str, what: str, path: str) -> dict:
+    return error_row(
+        example_id, path, "read", "path_outside_data",
+        f"The {what} path {path} lies outside the manifest's folder {_parent(spec.uri)}; "
+        "pass --allow-paths-outside-data to read files from anywhere the manifest points.")
+
+
+def _iter_manifest_refs(spec: SourceSpec) -> Iterator[Union[ExampleRef, dict]]:
     frame = _read_manifest(spec.uri)
     base = _parent(spec.uri)
     cols = spec.columns
@@ -248,6 +272,13 @@ def _iter_manifest_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
         image_text = "" if _native(image, "string") is None else str(image)
         example_id = str(row[cols.id]) if cols.id in row else image_text
         mask = _native(row.get(cols.mask), "string") if spec.has_masks else None
+        if not spec.allow_paths_outside_data:
+            outside = [(what, _resolve(base, p))
+                       for what, p in (("image", image_text), ("mask", mask))
+                       if p and not is_inside(base, _resolve(base, p))]
+            if outside:
+                yield _outside_data_error(spec, example_id, *outside[0])
+                continue
         yield ExampleRef(
             example_id=example_id,
             source=_resolve(base, image_text) if image_text else "",
@@ -408,10 +439,15 @@ def iter_tfrecord_refs(
                 image = features.get(cols.image, ("string", []))[1]
                 mask = features.get(cols.mask, ("string", []))[1]
                 label_values = features.get(cols.label, ("string", []))[1]
+                example_id = str(scalar(features, cols.id, "string") or position)
+                if not image:
+                    yield error_row(example_id, f"{path}:{index}", "read", "missing_image",
+                                    f"The record has no {cols.image!r} feature (no image).")
+                    continue
                 yield ExampleRef(
-                    example_id=str(scalar(features, cols.id, "string") or position),
+                    example_id=example_id,
                     source=f"{path}:{index}",
-                    image_bytes=image[0] if image else b"",
+                    image_bytes=image[0],
                     mask_bytes=mask[0] if mask else None,
                     raw_label=label_values[0] if label_values else None,
                     slices={c: scalar(features, c, t) for c, t in spec.slice_types.items()},
@@ -427,12 +463,15 @@ def iter_tfrecord_refs(
 
 
 def inspect_source(
-    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]] = None
+    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]] = None,
+    allow_paths_outside_data: bool = False,
 ) -> SourceSpec:
     """Validate the data URI on the launcher and describe it (raises DataSourceError)."""
     kind = source_kind(uri)
     if kind == "manifest":
-        return _inspect_manifest(uri, columns, slice_columns)
+        spec = _inspect_manifest(uri, columns, slice_columns)
+        spec.allow_paths_outside_data = allow_paths_outside_data
+        return spec
     if kind == "tfrecord":
         return _inspect_tfrecord(uri, columns, slice_columns)
     if slice_columns:
@@ -442,8 +481,9 @@ def inspect_source(
     return _inspect_folders(uri, columns)
 
 
-def iter_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
-    """ExampleRefs of a folder tree or manifest (TFRecords go file by file: iter_tfrecord_refs)."""
+def iter_refs(spec: SourceSpec) -> Iterator[Union[ExampleRef, dict]]:
+    """ExampleRefs of a folder tree or manifest (TFRecords go file by file: iter_tfrecord_refs),
+    or error rows for manifest rows that cannot be used."""
     if spec.kind == "folders":
         return _iter_folder_refs(spec)
     if spec.kind == "manifest":
