@@ -324,16 +324,25 @@ def _scalar(value) -> Optional[float]:
     return float(value)
 
 
+def one_class_slice(metrics: Dict[str, object]) -> bool:
+    """A slice whose labels are all one class (binary ``mean_label`` 0 or 1): ranking metrics
+    (AUC, AUC-PR) are undefined there, although TFMA reports them as 0."""
+    mean_label = _scalar(metrics.get("mean_label"))
+    return mean_label is not None and mean_label in (0.0, 1.0)
+
+
 def slice_gap_gates(
     table: Dict[str, Dict[str, object]], gaps: Dict[str, float], slice_columns: Iterable[str]
 ) -> List[dict]:
-    """For each slice column and metric: best minus worst slice value against the bound."""
+    """For each slice column and metric: best minus worst slice value against the bound.
+    Slices where the metric is undefined (AUCs of a one-class slice) are left out of its gap."""
     gates = []
     for column in slice_columns:
         prefix = f"{column}="
         slices = {name: m for name, m in table.items() if name.startswith(prefix) and "," not in name}
         for metric, bound in gaps.items():
-            values = {n: _scalar(m.get(metric)) for n, m in slices.items()}
+            values = {n: _scalar(m.get(metric)) for n, m in slices.items()
+                      if not ("auc" in metric and one_class_slice(m))}
             values = {n: v for n, v in values.items() if v is not None}
             if len(values) < 2:
                 continue

@@ -235,3 +235,21 @@ def test_every_shipped_config_parses_and_completes(name, classes):
     config, origin = evaluation.load_eval_config(path, classes)
     done = evaluation.complete_eval_config(config, classes, ["site"], True, False)
     assert done.metrics_specs and any(not s.feature_keys for s in done.slicing_specs)
+
+
+def test_slice_gap_leaves_one_class_slices_out_of_auc_gaps():
+    """TFMA reports AUC 0 on a slice holding one class; that is undefined, not a gap of 1."""
+    table = {
+        "site=a": {"auc": 0.95, "binary_accuracy": 0.90, "mean_label": 0.5},
+        "site=b": {"auc": {"value": 0.93}, "binary_accuracy": 0.88, "mean_label": 0.4},
+        "site=c": {"auc": 0.0, "binary_accuracy": 0.60, "mean_label": 1.0},  # lesions only
+    }
+    gates = {g["metric"]: g for g in evaluation.slice_gap_gates(
+        table, {"auc": 0.05, "binary_accuracy": 0.05}, ["site"])}
+    assert gates["auc"]["passed"] and gates["auc"]["slice"] == "site=b vs site=a"
+    assert abs(gates["auc"]["value"] - 0.02) < 1e-9
+    # Accuracy is defined on one class: site=c still counts, and fails the gate.
+    assert not gates["binary_accuracy"]["passed"]
+    assert gates["binary_accuracy"]["slice"] == "site=c vs site=a"
+    assert evaluation.one_class_slice({"mean_label": {"value": 0.0}})
+    assert not evaluation.one_class_slice({"mean_label": 0.3}) and not evaluation.one_class_slice({})
