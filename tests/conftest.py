@@ -1,6 +1,7 @@
 """Shared fixtures: tiny hand-built models whose Grad-CAM is known in closed form, and tiny
 datasets in each input form (class folders, CSV manifest, TFRecords)."""
 import io
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -106,3 +107,14 @@ def png_bytes(array):
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class LogLines(logging.Handler):
+    """Collects the messages of the records it handles (attach it to a logger in a test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())

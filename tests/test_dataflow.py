@@ -21,7 +21,7 @@ import pytest
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from beam_pipeline import cli, job, pipeline
-from conftest import IMAGE_SIZE, make_manifest
+from conftest import IMAGE_SIZE, LogLines, make_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "europe-west1-docker.pkg.dev/my-project/xai/xai-audit:0.1.0"
@@ -148,19 +148,10 @@ def test_setup_file_builds_an_sdist_with_the_tfma_configs(tmp_path, rng, saved_m
     assert no_network == []
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 @pytest.fixture
 def xai_log():
     logger = logging.getLogger("xai_audit")
-    collect = _Collect()
+    collect = LogLines()
     logger.addHandler(collect)
     yield collect.lines
     logger.removeHandler(collect)

@@ -2,7 +2,6 @@
 attributions Parquet, threshold and slice-gap gates give exit 3, the empty-metrics pitfall is
 caught, multi-class configs work, confidence intervals are reported."""
 import json
-import os
 
 import apache_beam as beam
 import keras

@@ -14,7 +14,6 @@ manifest paths leading outside the manifest's folder are ``path_outside_data`` e
 ``--allow-paths-outside-data`` is given.
 """
 import collections
-import json
 import os
 import struct
 import zlib
@@ -25,8 +24,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from beam_pipeline import cli
 from conftest import IMAGE_SIZE, gap_model, png_bytes, random_image, write_png
+from test_job import read_outputs, run_cli
 
 HTML = "<script>alert(1)</script>"
 AUDITED = ("attributions", None)
@@ -37,18 +36,6 @@ def err(error_type):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run_cli(*args):
-    return cli.main([str(a) for a in args])
-
-
-def read_outputs(out):
-    attributions = pd.read_parquet(os.path.join(out, "attributions"))
-    errors = pd.read_parquet(os.path.join(out, "errors"))
-    with open(os.path.join(out, "run.json")) as handle:
-        run = json.load(handle)
-    return attributions, errors, run
 
 
 def assert_accounting(out, input_ids):

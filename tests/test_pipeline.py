@@ -6,7 +6,7 @@ import apache_beam as beam
 import keras
 
 from beam_pipeline import job, pipeline
-from conftest import IMAGE_SIZE, gap_model
+from conftest import IMAGE_SIZE, LogLines, gap_model
 
 
 def _graph_bytes(model_path, data, output):
@@ -34,18 +34,9 @@ def test_model_is_loaded_on_workers_not_pickled_into_the_graph(tmp_path, folder_
     assert with_big < 2_000_000  # far under Dataflow's 10 MB cap, TFMA's transforms included
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def test_progress_log_reports_examples_and_rate():
     logger = logging.getLogger("xai_audit")
-    collect = _Collect()
+    collect = LogLines()
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
     try:
