@@ -8,7 +8,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from . import demo, job
+from . import demo, importance, job
 from .errors import OptionError
 
 LOG = logging.getLogger("xai_audit")
@@ -53,12 +53,11 @@ def importance_grid(summary_path: str, metric: str):
     if not os.path.exists(summary_path):
         return None
     summary = pd.read_parquet(summary_path)
-    patches = summary[(summary.metric == metric) & summary.feature.str.startswith("patch_")]
-    if patches.empty:
+    rows = summary[summary.metric == metric]
+    grid = importance.patch_grid(dict(zip(rows.feature, rows.importance)))
+    if grid is None:
         return None
-    cells = patches.feature.str.extract(r"patch_r(\d+)_c(\d+)").astype(int)
-    grid = pd.DataFrame({"row": cells[0], "col": cells[1], "v": patches.importance.values})
-    table = grid.pivot(index="row", columns="col", values="v").round(3)
+    table = pd.DataFrame(grid, dtype=float).round(3)
     return table.rename(index=lambda r: f"r{r}", columns=lambda c: f"c{c}")
 
 

@@ -55,6 +55,27 @@ class Feature:
         return out
 
 
+def patch_name(row: int, col: int) -> str:
+    return f"patch_r{row}_c{col}"
+
+
+_PATCH_NAME = re.compile(r"patch_r(\d+)_c(\d+)")
+
+
+def patch_grid(importances: Dict[str, Optional[float]]) -> Optional[List[List[Optional[float]]]]:
+    """The values of the patch features among ``importances`` ({feature: value}) laid out as the
+    image grid, rows × columns (None for a missing cell); None when there are no patches."""
+    cells = {}
+    for feature, value in importances.items():
+        match = _PATCH_NAME.fullmatch(feature)
+        if match:
+            cells[int(match.group(1)), int(match.group(2))] = value
+    if not cells:
+        return None
+    height, width = max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1
+    return [[cells.get((r, c)) for c in range(width)] for r in range(height)]
+
+
 def parse_features(text: str, height: int, width: int, channels: int) -> List[Feature]:
     """``patches:RxC``, ``channels`` (comma-separated), or ``none`` → features."""
     features: List[Feature] = []
@@ -71,7 +92,7 @@ def parse_features(text: str, height: int, width: int, channels: int) -> List[Fe
             for i in range(n_rows):
                 for j in range(n_cols):
                     features.append(Feature(
-                        f"patch_r{i}_c{j}",
+                        patch_name(i, j),
                         (i * height // n_rows, (i + 1) * height // n_rows),
                         (j * width // n_cols, (j + 1) * width // n_cols),
                     ))

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from . import (attribution_methods, decode, evaluation, importance, layer_sweep, model_io,
-               outputs, pipeline, runinfo, sources)
+               outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -422,18 +422,12 @@ def _quality_summary(plan: Plan) -> dict:
     summary: dict = {"faithfulness_sample": cfg.faithfulness_sample}
     if cfg.sanity_sample:
         rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))
-        last = {}
-        for row in rows:
-            if row["step"] >= last.get(row["method"], {}).get("step", -1):
-                last[row["method"]] = row
         summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"]}
-                             for m, r in last.items()}
+                             for m, r in quality.sanity_final_rows(rows).items()}
     if cfg.sweep:
-        rows = [r for r in _read_table(pipeline.output_path(cfg.output, "layer_sweep.parquet"))
-                if r["slice"] == "overall" and r["energy"] is not None]
-        best = max(rows, key=lambda r: r["energy"] / r["area"] if r["area"] else 0, default=None)
+        rows = _read_table(pipeline.output_path(cfg.output, "layer_sweep.parquet"))
         summary["layer_sweep"] = {"layers": len(cfg.sweep_layer_names),
-                                  "best_layer_by_energy_lift": best and best["layer"]}
+                                  "best_layer_by_energy_lift": quality.best_sweep_layer(rows)}
     return summary
 
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from . import evaluation, runinfo
+from . import evaluation, importance, quality, runinfo
 
 MAX_METRIC_COLUMNS = 10
 MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
@@ -431,10 +431,10 @@ def sanity(output: str) -> Optional[dict]:
     curves: Dict[str, List[dict]] = {}
     for row in rows:
         curves.setdefault(row["method"], []).append(row)
-    verdicts = {}
-    for method, curve in curves.items():
+    for curve in curves.values():
         curve.sort(key=lambda r: r["step"])
-        last = curve[-1]
+    verdicts = {}
+    for method, last in quality.sanity_final_rows(rows).items():
         verdicts[method] = {"flagged": bool(last["flagged"]),
                             "spearman_fully_random": as_number(last["spearman_mean"]),
                             "examples": last["examples"]}
@@ -460,23 +460,8 @@ def layer_sweep_summary(output: str) -> Optional[dict]:
         return None
     overall = sorted((r for r in rows if r["slice"] == "overall"), key=lambda r: r["depth"] or 0)
     for row in overall:
-        row["lift"] = (row["energy"] / row["area"]
-                       if row.get("energy") is not None and row.get("area") else None)
-    best = max((r for r in overall if r["lift"] is not None), key=lambda r: r["lift"],
-               default=None)
-    return {"overall": overall, "best_layer": best and best["layer"]}
-
-
-def _patch_grid(rows: Sequence[dict]) -> Optional[List[List[Optional[float]]]]:
-    cells = {}
-    for row in rows:
-        parts = row["feature"].split("_")
-        if len(parts) == 3 and parts[0] == "patch" and parts[1][0] == "r" and parts[2][0] == "c":
-            cells[(int(parts[1][1:]), int(parts[2][1:]))] = as_number(row["importance"])
-    if not cells:
-        return None
-    height, width = max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1
-    return [[cells.get((r, c)) for c in range(width)] for r in range(height)]
+        row["lift"] = quality.sweep_lift(row)
+    return {"overall": overall, "best_layer": quality.best_sweep_layer(overall)}
 
 
 def importance_section(output: str) -> Optional[dict]:
@@ -489,5 +474,6 @@ def importance_section(output: str) -> Optional[dict]:
     metric = "accuracy" if "accuracy" in by_metric else sorted(by_metric)[0]
     shown = sorted(by_metric[metric], key=lambda r: -(as_number(r["importance"]) or 0.0))
     return {"metric": metric, "metrics": sorted(by_metric), "features": shown,
-            "patch_grid": _patch_grid(shown),
+            "patch_grid": importance.patch_grid(
+                {r["feature"]: as_number(r["importance"]) for r in shown}),
             "channels": [r for r in shown if r["feature"].startswith("channel_")]}

@@ -182,3 +182,11 @@ def test_feature_parsing():
     swapped = importance.Feature("channel_1", (0, 2), (0, 2), (1, 2)).permute(images, np.array([1, 0]))
     np.testing.assert_array_equal(swapped[0, ..., 1], images[1, ..., 1])
     np.testing.assert_array_equal(swapped[0, ..., 0], images[0, ..., 0])
+
+
+def test_patch_grid_lays_patch_features_out_as_the_image_grid():
+    names = [f.name for f in importance.parse_features("patches:2x3,channels", 6, 6, 3)]
+    values = {name: float(i) for i, name in enumerate(names)}
+    assert importance.patch_grid(values) == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert importance.patch_grid({"patch_r1_c0": 0.5}) == [[None], [0.5]]
+    assert importance.patch_grid({"channel_0": 1.0}) is None

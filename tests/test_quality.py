@@ -309,3 +309,16 @@ def test_seeded_sample_ignores_order_and_sharding():
     assert 0.0 <= quality.sample_key("ex0001", 3) < 1.0
     with pytest.raises(OptionError):
         quality.seeded_sample(ids, -1, seed=0)
+
+
+def test_reading_sanity_and_sweep_results():
+    sanity = [{"method": "a", "step": 0, "flagged": True}, {"method": "a", "step": 2, "flagged": False},
+              {"method": "b", "step": 1, "flagged": True}, {"method": "a", "step": 1, "flagged": True}]
+    final = quality.sanity_final_rows(sanity)
+    assert {m: r["step"] for m, r in final.items()} == {"a": 2, "b": 1}
+    sweep = [{"layer": "conv1", "slice": "overall", "energy": 0.2, "area": 0.1},
+             {"layer": "conv2", "slice": "overall", "energy": 0.3, "area": 0.1},
+             {"layer": "conv3", "slice": "site=x", "energy": 0.9, "area": 0.1},
+             {"layer": "conv4", "slice": "overall", "energy": None, "area": 0.1}]
+    assert quality.best_sweep_layer(sweep) == "conv2"
+    assert quality.sweep_lift(sweep[3]) is None and quality.best_sweep_layer(sweep[2:]) is None
