@@ -46,7 +46,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--mask-column", default="mask", help="ground-truth mask key [mask]")
     run.add_argument("--id-column", default="id", help="example id key [id]")
     run.add_argument("--slice-columns", type=_comma_list, default=None,
-                     help="columns carried to every output [all other manifest columns]")
+                     help="columns carried to every output and sliced on [all other manifest "
+                          "columns; those with more than 50 distinct values are carried, not "
+                          "sliced]")
+    run.add_argument("--slice-bins", action="append", default=None, metavar="COLUMN=EDGES",
+                     help="slice a numeric column into half-open bins, e.g. age=0,40,65,120 "
+                          "(slice column age_bin: [0,40), ..., out_of_range); repeatable")
     run.add_argument("--class-names", type=_comma_list, default=None,
                      help="names for class indices [folder names / manifest label strings]")
     run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
@@ -194,7 +199,8 @@ def _request_from_args(args) -> "AuditRequest":
         model=args.model, data=args.data, output=args.output,
         image_column=args.image_column, label_column=args.label_column,
         mask_column=args.mask_column, id_column=args.id_column,
-        slice_columns=args.slice_columns, class_names=args.class_names,
+        slice_columns=args.slice_columns, slice_bins=args.slice_bins,
+        class_names=args.class_names,
         preprocess=args.preprocess, methods=args.methods, layer=args.layer, target=args.target,
         batch_size=args.batch_size, seed=args.seed, max_error_rate=args.max_error_rate,
         unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,

@@ -164,11 +164,14 @@ def _is_missing(value: Any) -> bool:
     return False
 
 
-def parse_label(raw: Any, class_names: Sequence[str]) -> int:
-    """A raw label (class index, index as text, or class name) → class index, or ExampleError."""
+def parse_label(raw: Any, class_names: Sequence[str]) -> Optional[int]:
+    """A raw label (class index, index as text, or class name) → class index, or ExampleError.
+
+    An empty label (None, NaN, blank text) is None: the example is unlabeled, not broken. It is
+    still audited (maps, prediction) and left out of the figures that need a label."""
     n = len(class_names)
     if _is_missing(raw):
-        raise ExampleError("label", "missing_label", "The example has no label (empty value).")
+        return None
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     if isinstance(raw, str):

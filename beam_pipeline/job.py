@@ -45,6 +45,7 @@ class AuditRequest:
     mask_column: str = "mask"
     id_column: str = "id"
     slice_columns: Optional[List[str]] = None
+    slice_bins: Optional[List[str]] = None  # --slice-bins COLUMN=EDGES, repeatable
     class_names: Optional[List[str]] = None
     preprocess: str = "unit"
     methods: Sequence[str] = ("gradcam",)
@@ -183,7 +184,10 @@ def plan_audit(req: AuditRequest) -> Plan:
     start = time.perf_counter()
     columns = sources.ColumnNames(req.image_column, req.label_column, req.mask_column, req.id_column)
     spec = sources.inspect_source(req.data, columns, req.slice_columns,
-                                  req.allow_paths_outside_data)
+                                  req.allow_paths_outside_data,
+                                  sources.parse_slice_bins(req.slice_bins))
+    if spec.skipped_slices:
+        LOG.warning("%s", sources.skipped_slices_sentence(spec.skipped_slices))
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -222,7 +226,7 @@ def plan_audit(req: AuditRequest) -> Plan:
         seed=req.seed,
     )
     # Fails early (exit 1) when a slice column clashes with an output column.
-    attribution_schema(spec.slice_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
+    attribution_schema(spec.column_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
     _plan_importance(req, plan)
     start = time.perf_counter()
@@ -382,9 +386,13 @@ def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
     error_types = runinfo.read_column(pipeline.output_path(output, "errors"), "error_type")
     failed, total = len(error_types), len(ok_ids) + len(error_types)
     examples_in = int(counters.get("examples_in", total))
+    # Audited examples with an empty label: they have maps and predictions, but no metric.
+    unlabeled = (runinfo.read_column(pipeline.output_path(output, "attributions"), "label")
+                 .null_count if len(ok_ids) else 0)
     return {
         "examples_in": examples_in,
         "examples_ok": len(ok_ids),
+        "examples_unlabeled": unlabeled,
         "examples_failed": failed,
         "error_rate": failed / total if total else 0.0,
         "errors_by_type": runinfo.value_counts(error_types),
@@ -587,6 +595,12 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
             "labeled": config.source.labeled,
             "has_masks": config.source.has_masks,
             "slice_columns": config.source.slice_types,
+            # Written to attributions, not sliced on: too many values, or binned (slice_bins).
+            "carried_columns": config.source.carried_types,
+            "skipped_slice_columns": config.source.skipped_slices,
+            "skipped_slice_columns_note": (sources.skipped_slices_sentence(
+                config.source.skipped_slices) if config.source.skipped_slices else None),
+            "slice_bins": config.source.slice_bins,
             "files": len(config.source.files) or None,
         },
         "runner": {"name": options.get("runner") or "FnApiRunner (local)", "options": options},
@@ -610,6 +624,8 @@ def _log_summary(payload: dict, output: str) -> None:
         counts["examples_in"], counts["examples_ok"], counts["examples_failed"],
         100 * counts["error_rate"], payload["timings_s"]["pipeline_s"], output,
     )
+    if counts.get("examples_unlabeled") and payload["data"]["labeled"]:
+        LOG.warning("%s", runinfo.unlabeled_sentence(counts))
     if payload["exit_code"] == EXIT_ERROR_RATE:
         LOG.error(
             "%d of %d examples failed (%.2f%%), above --max-error-rate %.4g: the run is marked "

@@ -656,7 +656,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
                 output_path(config.output, "sanity"), SANITY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
-    schema = attribution_schema(spec.slice_types, spec.has_masks, config.methods,
+    schema = attribution_schema(spec.column_types, spec.has_masks, config.methods,
                                 bool(config.faithfulness_sample))
     if config.permutation_features:
         _ = unique.refs | "Importance" >> PermutationImportance(config, count)

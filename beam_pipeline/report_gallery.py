@@ -119,8 +119,8 @@ def _source_spec(run: dict) -> sources.SourceSpec:
                                   options.get("label_column", "label"),
                                   options.get("mask_column", "mask"),
                                   options.get("id_column", "id"))
-    slice_columns = list(run.get("data", {}).get("slice_columns") or []) or None
-    return sources.inspect_source(run["data"]["uri"], columns, slice_columns)
+    # Only the images are needed: no slice column (a binned one is not in the data).
+    return sources.inspect_source(run["data"]["uri"], columns, [])
 
 
 def _iter_source_refs(spec: sources.SourceSpec):

@@ -317,6 +317,8 @@ def verdict(run: dict, metrics: Optional[dict]) -> dict:
     if (run.get("tfma") or {}).get("error"):
         failed.insert(0, f"The sliced evaluation failed: {run['tfma']['error']}")
     caveats = _gap_gate_caveats(gates, metrics)
+    if counts.get("examples_unlabeled") and (run.get("data") or {}).get("labeled"):
+        caveats.insert(0, runinfo.unlabeled_sentence(counts))
     status = run.get("status") or ("passed" if not failed else "failed")
     return {"status": status, "exit_code": run.get("exit_code"), "failed": failed,
             "passed": passed, "caveats": caveats, "gates": gates}
@@ -379,6 +381,7 @@ def accounting(run: dict, output: str) -> dict:
     ok, failed = counts.get("examples_ok", 0), counts.get("examples_failed", 0)
     return {
         "examples_in": examples_in, "examples_ok": ok, "examples_failed": failed,
+        "examples_unlabeled": counts.get("examples_unlabeled"),
         "error_rate": counts.get("error_rate"),
         "errors_by_type": counts.get("errors_by_type") or {},
         "errors_by_stage_and_type": dict(sorted(by_stage.items(), key=lambda kv: -kv[1])),

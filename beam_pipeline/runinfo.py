@@ -112,3 +112,11 @@ def command_line() -> List[str]:
 
 def tool_version() -> str:
     return __version__
+
+
+def unlabeled_sentence(counts: dict) -> str:
+    """What the metrics cover when some audited examples have no label (log, report, verdict)."""
+    ok, unlabeled = counts.get("examples_ok", 0), counts.get("examples_unlabeled", 0)
+    return (f"Metrics cover {ok - unlabeled:,} of {ok:,} audited examples; {unlabeled:,} have no "
+            "label (they have maps and predictions, but are left out of TFMA metrics, gates and "
+            "permutation importance).")

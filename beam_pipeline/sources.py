@@ -20,10 +20,19 @@ import pandas as pd
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from .errors import DataSourceError, ExampleError
+from .errors import DataSourceError, ExampleError, OptionError
 from .records import ExampleRef, error_row
 
 HIDDEN_PREFIXES = (".", "_")
+# A column with more distinct values than this (a continuous number, a timestamp, an id) is not
+# a slice by default: it would make slices of one or two examples whose metric "gaps" mean
+# nothing. It is still carried to attributions; --slice-columns or --slice-bins make it a slice.
+MAX_SLICE_VALUES = 50
+# TFRecords are not read whole on the launcher: distinct values are counted on at most this many
+# records of the first file (more than MAX_SLICE_VALUES there means more in the whole data too).
+TFRECORD_SLICE_SCAN = 2000
+BIN_SUFFIX = "_bin"  # --slice-bins age=... slices on the column age_bin
+OUT_OF_RANGE_BIN = "out_of_range"  # a value outside every bin (a missing value stays null)
 
 
 @dataclass
@@ -45,12 +54,117 @@ class SourceSpec:
     has_masks: bool
     label_names: Optional[List[str]]  # class names found in the data (folders, text labels)
     slice_types: Dict[str, str] = field(default_factory=dict)  # column -> int64|float64|bool|string
+    # Columns carried to attributions but not sliced on (too many distinct values, or the raw
+    # values of a binned column), column -> type.
+    carried_types: Dict[str, str] = field(default_factory=dict)
+    skipped_slices: Dict[str, int] = field(default_factory=dict)  # column -> distinct values
+    slice_bins: Dict[str, List[float]] = field(default_factory=dict)  # column -> bin edges
     files: List[str] = field(default_factory=list)  # TFRecord files
     fingerprint: str = ""
     examples_expected: Optional[int] = None  # known up front for folders and manifests
     # Manifest paths that resolve outside the manifest's folder (``../x.png``, an absolute path,
     # another bucket) are error rows unless the user opts in (--allow-paths-outside-data).
     allow_paths_outside_data: bool = False
+
+    @property
+    def column_types(self) -> Dict[str, str]:
+        """Every data column written to attributions: the slices and the carried columns."""
+        return {**self.carried_types, **self.slice_types}
+
+    @property
+    def read_types(self) -> Dict[str, str]:
+        """The columns read from each example (binned slices are computed from them)."""
+        binned = {bin_column(c) for c in self.slice_bins}
+        return {c: t for c, t in self.column_types.items() if c not in binned}
+
+    def slice_values(self, get) -> Dict[str, Any]:
+        """An example's data columns (``get(column)`` gives the raw cell), binned ones added."""
+        values = {c: _native(get(c), t) for c, t in self.read_types.items()}
+        for column, edges in self.slice_bins.items():
+            values[bin_column(column)] = bin_label(values.get(column), edges)
+        return values
+
+
+# --------------------------------------------------------------------------- slice choice and bins
+
+
+def bin_column(column: str) -> str:
+    return column + BIN_SUFFIX
+
+
+def _edge(value: float) -> str:
+    return f"{value:g}"
+
+
+def bin_label(value: Any, edges: Sequence[float]) -> Optional[str]:
+    """``[lo,hi)`` of the bin holding ``value`` (bins are half-open, the last one too),
+    ``out_of_range`` outside every bin, None for a missing value."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and np.isnan(value)):
+        return None
+    for low, high in zip(edges, edges[1:]):
+        if low <= value < high:
+            return f"[{_edge(low)},{_edge(high)})"
+    return OUT_OF_RANGE_BIN
+
+
+def parse_slice_bins(items: Optional[Sequence[str]]) -> Dict[str, List[float]]:
+    """``--slice-bins age=0,40,65,120`` (repeatable) → {"age": [0, 40, 65, 120]}."""
+    bins: Dict[str, List[float]] = {}
+    for item in items or []:
+        column, _, text = item.partition("=")
+        try:
+            edges = [float(v) for v in text.split(",")]
+        except ValueError:
+            edges = []
+        if not column.strip() or len(edges) < 2 or any(
+                not np.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise OptionError(
+                f"--slice-bins {item!r}: give COLUMN=EDGES with at least two increasing numbers, "
+                "e.g. age=0,40,65,120 (bins [0,40), [40,65), [65,120)).")
+        if column.strip() in bins:
+            raise OptionError(f"--slice-bins names {column.strip()} twice.")
+        bins[column.strip()] = edges
+    return bins
+
+
+def skipped_slices_sentence(skipped: Dict[str, int]) -> str:
+    """Why some columns are not slices, and how to make them slices (log, run.json, report)."""
+    named = ", ".join(f"{c} ({n} distinct values)" for c, n in skipped.items())
+    return (f"Not slicing on {named}: more than {MAX_SLICE_VALUES} distinct values give slices "
+            "of one or two examples whose metric gaps mean nothing. They are still written to "
+            "attributions. To slice on one, name it in --slice-columns, or bin a numeric one with "
+            "--slice-bins COLUMN=EDGES (e.g. --slice-bins age=0,40,65,120).")
+
+
+def choose_slices(types: Dict[str, str], distinct: Dict[str, int],
+                  explicit: Optional[Sequence[str]], bins: Dict[str, List[float]],
+                  where: str) -> Dict[str, Any]:
+    """Split the data columns into slices, carried-only columns and skipped ones.
+
+    ``types``: every candidate column's type; ``distinct``: distinct values seen per column;
+    ``explicit``: --slice-columns (all of them are slices, however many values); ``bins``:
+    --slice-bins, whose columns are carried and sliced on as ``<column>_bin``."""
+    for column in bins:
+        if column not in types:
+            raise DataSourceError(f"--slice-bins names {column}, which {where} lacks.")
+        if types[column] not in ("int64", "float64"):
+            raise OptionError(f"--slice-bins {column}: the column holds {types[column]} values; "
+                              "bins need numbers.")
+        if bin_column(column) in types:
+            raise OptionError(f"--slice-bins {column} would add the slice column "
+                              f"{bin_column(column)}, which {where} already has; rename it.")
+    if explicit is not None:
+        slices = {c: types[c] for c in explicit}
+        skipped: Dict[str, int] = {}
+    else:
+        candidates = [c for c in types if c not in bins]
+        skipped = {c: distinct[c] for c in candidates if distinct.get(c, 0) > MAX_SLICE_VALUES}
+        slices = {c: types[c] for c in candidates if c not in skipped}
+    slices.update({bin_column(c): "string" for c in bins})
+    carried = {c: types[c] for c in [*skipped, *bins] if c not in slices}
+    return {"slice_types": slices, "carried_types": carried, "skipped_slices": skipped,
+            "slice_bins": dict(bins)}
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -219,7 +333,8 @@ def _text_labels(values: pd.Series) -> Optional[List[str]]:
 
 
 def _inspect_manifest(
-    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]]
+    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]],
+    slice_bins: Dict[str, List[float]],
 ) -> SourceSpec:
     if not _exists(uri):
         raise DataSourceError(f"The manifest {uri} does not exist.")
@@ -235,13 +350,17 @@ def _inspect_manifest(
     # example per id and turns the others into duplicate_id error rows (the same step covers
     # TFRecords, whose ids the launcher never sees).
     reserved = {columns.image, columns.label, columns.mask, columns.id}
-    if slice_columns is None:
-        slice_columns = [c for c in frame.columns if c not in reserved]
-    missing = [c for c in slice_columns if c not in frame.columns]
+    missing = [c for c in slice_columns or [] if c not in frame.columns]
     if missing:
         raise DataSourceError(
             f"--slice-columns names {', '.join(missing)}, which the manifest {uri} lacks."
         )
+    candidates = [c for c in frame.columns if c not in reserved]
+    wanted = [*candidates] if slice_columns is None else [*slice_columns, *slice_bins]
+    chosen = choose_slices(
+        {c: _column_type(frame[c]) for c in dict.fromkeys(wanted) if c in frame.columns},
+        {c: int(frame[c].nunique(dropna=True)) for c in candidates},
+        slice_columns, slice_bins, f"the manifest {uri}")
     labeled = columns.label in frame.columns
     return SourceSpec(
         kind="manifest",
@@ -250,9 +369,9 @@ def _inspect_manifest(
         labeled=labeled,
         has_masks=columns.mask in frame.columns,
         label_names=_text_labels(frame[columns.label]) if labeled else None,
-        slice_types={c: _column_type(frame[c]) for c in slice_columns},
         fingerprint="sha256:" + hashlib.sha256(read_bytes(uri)).hexdigest(),
         examples_expected=len(frame),
+        **chosen,
     )
 
 
@@ -285,7 +404,7 @@ def _iter_manifest_refs(spec: SourceSpec) -> Iterator[Union[ExampleRef, dict]]:
             image_path=_resolve(base, image_text) if image_text else None,
             mask_path=_resolve(base, mask) if mask else None,
             raw_label=row.get(cols.label) if spec.labeled else None,
-            slices={c: _native(row.get(c), t) for c, t in spec.slice_types.items()},
+            slices=spec.slice_values(row.get),
         )
 
 
@@ -351,7 +470,8 @@ def tfrecord_file_ids(files: Sequence[str]) -> Dict[str, str]:
 
 
 def _inspect_tfrecord(
-    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]]
+    uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]],
+    slice_bins: Dict[str, List[float]],
 ) -> SourceSpec:
     try:
         metas = FileSystems.match([uri])[0].metadata_list
@@ -381,13 +501,17 @@ def _inspect_tfrecord(
             f"{', '.join(sorted(first))}); name it with --image-column."
         )
     reserved = {columns.image, columns.label, columns.mask, columns.id}
-    if slice_columns is None:
-        slice_columns = [k for k, (_, v) in sorted(first.items()) if k not in reserved and len(v) == 1]
-    missing = [c for c in slice_columns if c not in first]
+    missing = [c for c in slice_columns or [] if c not in first]
     if missing:
         raise DataSourceError(
             f"--slice-columns names {', '.join(missing)}, which the first tf.Example of {uri} lacks."
         )
+    candidates = [k for k, (_, v) in sorted(first.items()) if k not in reserved and len(v) == 1]
+    wanted = candidates if slice_columns is None else [*slice_columns, *slice_bins]
+    chosen = choose_slices(
+        {c: first[c][0] for c in dict.fromkeys(wanted) if c in first},
+        _tfrecord_distinct(files[0], candidates) if slice_columns is None else {},
+        slice_columns, slice_bins, f"the first tf.Example of {uri}")
     labeled = columns.label in first
     label_names = None
     if labeled and first[columns.label][0] == "string":
@@ -403,10 +527,31 @@ def _inspect_tfrecord(
         labeled=labeled,
         has_masks=columns.mask in first,
         label_names=label_names,
-        slice_types={c: first[c][0] for c in slice_columns},
         files=files,
         fingerprint="sha256:" + digest.hexdigest(),
+        **chosen,
     )
+
+
+def _tfrecord_distinct(path: str, columns: Sequence[str]) -> Dict[str, int]:
+    """Distinct values per column in the first ``TFRECORD_SLICE_SCAN`` records of ``path``: a
+    lower bound of the whole data's, enough to tell that a column has too many to slice on."""
+    seen: Dict[str, set] = {c: set() for c in columns}
+    try:
+        with FileSystems.open(path) as handle:
+            for index, record in enumerate(_read_records(handle)):
+                if index >= TFRECORD_SLICE_SCAN:
+                    break
+                if not isinstance(record, bytes):
+                    continue
+                features = _parse_example(record)
+                for column in columns:
+                    values = features.get(column, ("string", []))[1]
+                    if values:
+                        seen[column].add(values[0])
+    except Exception:  # a broken file is reported per record by the job; count what was read
+        pass
+    return {c: len(v) for c, v in seen.items()}
 
 
 def iter_tfrecord_refs(
@@ -450,7 +595,8 @@ def iter_tfrecord_refs(
                     image_bytes=image[0],
                     mask_bytes=mask[0] if mask else None,
                     raw_label=label_values[0] if label_values else None,
-                    slices={c: scalar(features, c, t) for c, t in spec.slice_types.items()},
+                    slices=spec.slice_values(
+                        lambda c: (features.get(c, ("string", []))[1] or [None])[0]),
                 )
     except _BrokenFraming as exc:
         position = f"{file_id}:{index + 1}"
@@ -465,18 +611,25 @@ def iter_tfrecord_refs(
 def inspect_source(
     uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]] = None,
     allow_paths_outside_data: bool = False,
+    slice_bins: Optional[Dict[str, List[float]]] = None,
 ) -> SourceSpec:
-    """Validate the data URI on the launcher and describe it (raises DataSourceError)."""
+    """Validate the data URI on the launcher and describe it (raises DataSourceError).
+
+    Without ``slice_columns``, columns with more than MAX_SLICE_VALUES distinct values are
+    carried but not sliced on (``SourceSpec.skipped_slices``); ``slice_bins`` (parse_slice_bins)
+    adds a ``<column>_bin`` slice per binned numeric column."""
     kind = source_kind(uri)
+    slice_bins = slice_bins or {}
     if kind == "manifest":
-        spec = _inspect_manifest(uri, columns, slice_columns)
+        spec = _inspect_manifest(uri, columns, slice_columns, slice_bins)
         spec.allow_paths_outside_data = allow_paths_outside_data
         return spec
     if kind == "tfrecord":
-        return _inspect_tfrecord(uri, columns, slice_columns)
-    if slice_columns:
+        return _inspect_tfrecord(uri, columns, slice_columns, slice_bins)
+    if slice_columns or slice_bins:
         raise DataSourceError(
-            "--slice-columns needs a manifest or TFRecords: a class-folder tree has no columns."
+            "--slice-columns and --slice-bins need a manifest or TFRecords: a class-folder tree "
+            "has no columns."
         )
     return _inspect_folders(uri, columns)
 

@@ -109,10 +109,14 @@ def test_parse_label_accepts_indices_and_names(raw, expected):
     assert decode.parse_label(raw, ["a", "b", "c"]) == expected
 
 
+@pytest.mark.parametrize("raw", [None, "", "  ", float("nan"), b""])
+def test_parse_label_empty_is_unlabeled(raw):
+    assert decode.parse_label(raw, ["a", "b", "c"]) is None
+
+
 @pytest.mark.parametrize(
     "raw,error_type",
-    [(None, "missing_label"), ("", "missing_label"), (float("nan"), "missing_label"),
-     (3, "label_out_of_range"), (-1, "label_out_of_range"), ("zebra", "unknown_label"),
+    [(3, "label_out_of_range"), (-1, "label_out_of_range"), ("zebra", "unknown_label"),
      (1.5, "unknown_label")],
 )
 def test_parse_label_rejects(raw, error_type):

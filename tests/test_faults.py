@@ -8,12 +8,14 @@ each input example exactly once in attributions or errors, and run.json agreeing
 
 Decided outcomes: grayscale, RGBA, 16-bit and 1x1 images are converted/resized and audited;
 truncated, random-byte, empty, missing and oversized (decompression bomb) images, unreadable or
-wrongly sized masks, and bad labels are error rows; of several examples sharing an id one is
+wrongly sized masks, and bad labels are error rows (an empty label is not: the example is
+audited as unlabeled); of several examples sharing an id one is
 audited (the first by source) and the others are ``duplicate_id`` error rows under that id;
 manifest paths leading outside the manifest's folder are ``path_outside_data`` error rows unless
 ``--allow-paths-outside-data`` is given.
 """
 import collections
+import json
 import os
 import struct
 import zlib
@@ -171,7 +173,7 @@ def build_fault_manifest(root, rng):
     add("mask_wrong_size", err("mask_size_mismatch"), "img/good.png", mask_rel="mask/small.png")
     add("mask_missing", err("missing_mask"), "img/good.png", mask_rel="mask/nowhere.png")
     add("label_out_of_range", err("label_out_of_range"), "img/good.png", label=7)
-    add("label_empty", err("missing_label"), "img/good.png", label="")
+    add("label_empty", AUDITED, "img/good.png", label="")  # unlabeled, not an error
     add("label_text", err("unknown_label"), "img/good.png", label="abc")
     add("html_slice", AUDITED, "img/good.png", site=HTML)
     # Two examples under one id: the first by source path is audited, the other is an error.
@@ -215,6 +217,15 @@ def test_manifest_faults_each_have_their_outcome(manifest_run):
         assert np.isfinite(rows.loc[name, "probabilities"]).all()
         assert list(rows.loc[name, "gradcam_shape"]) == [IMAGE_SIZE - 2, IMAGE_SIZE - 2]
     assert rows.loc["dup", "label"] == 2  # dup_a's row, not dup_b's
+    # An empty label: audited with a null label, counted, and said in the report's verdict.
+    assert pd.isna(rows.loc["label_empty", "label"])
+    assert np.isfinite(rows.loc["label_empty", "probabilities"]).all()
+    assert run["counts"]["examples_unlabeled"] == 1
+    assert "missing_label" not in run["counts"]["errors_by_type"]
+    with open(os.path.join(manifest_run["out"], "report", "summary.json")) as handle:
+        summary = json.load(handle)
+    assert summary["accounting"]["examples_unlabeled"] == 1
+    assert any("1 have no label" in c for c in summary["verdict"]["caveats"])
     assert run["counts"]["errors_by_type"]["corrupt_image"] == 2
 
 
@@ -310,7 +321,7 @@ def test_tfrecord_faults(tmp_path, rng, model3):
         ("mask_wrong_size", good, 0, {"mask": png_bytes(mask[:5, :5])}, err("mask_size_mismatch")),
         ("label_out_of_range", good, 9, {}, err("label_out_of_range")),
         ("label_text", good, "abc", {}, err("unknown_label")),
-        ("label_empty", good, "", {}, err("missing_label")),
+        ("label_empty", good, "", {}, AUDITED),  # unlabeled, not an error
         ("html_slice", good, 1, {"site": HTML}, AUDITED),
     ]
     for key, image, label, extra, outcome in cases:

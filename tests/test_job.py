@@ -183,20 +183,23 @@ def test_bad_input_manifest_every_example_accounted(tmp_path, rng, saved_model):
     manifest = make_manifest(root, rng, n=6, extra_rows=extra)
     out = tmp_path / "out"
     code = run_cli("run", "--model", saved_model, "--data", manifest, "--output", out)
-    assert code == 4  # 9 of 15 failed, far above the default 1%
+    assert code == 4  # 8 of 15 failed, far above the default 1%
     attributions, errors, run = read_outputs(out)
     assert_accounting(attributions, errors, pd.read_csv(manifest).id)
     assert dict(zip(errors.example_id, errors.error_type)) == {
         "corrupt": "corrupt_image", "truncated": "corrupt_image", "empty": "empty_image",
         "missing": "missing_image", "bad_mask": "corrupt_mask", "missing_mask": "missing_mask",
-        "out_of_range": "label_out_of_range", "no_label": "missing_label",
+        "out_of_range": "label_out_of_range",
         "no_image": "missing_image",
     }
     assert errors.message.str.len().min() > 10
     assert run["exit_code"] == 4 and run["gates"][0]["passed"] is False
     assert run["counts"]["examples_in"] == 15 and run["counts"]["accounting_ok"]
-    # Rows without a mask still get audited, with null mask metrics.
-    assert len(attributions) == 6
+    # Rows without a mask still get audited, with null mask metrics; an empty label is audited
+    # as unlabeled (label null), not an error.
+    assert len(attributions) == 7
+    assert attributions.set_index("example_id").label.isna().to_dict()["no_label"]
+    assert run["counts"]["examples_unlabeled"] == 1
     # The same data passes when the threshold allows it.
     assert run_cli("run", "--model", saved_model, "--data", manifest, "--output", out,
                    "--max-error-rate", "0.7", "--overwrite") == 0
