@@ -93,6 +93,10 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
                                            bool(data.get("has_masks")), stats),
     }
     summary["verdict"] = figures.verdict(run, summary["metrics"])
+    summary["skipped_slice_columns"] = {
+        "columns": data.get("skipped_slice_columns") or {},
+        "note": data.get("skipped_slice_columns_note"),
+        "binned": data.get("slice_bins") or {}}
     data_columns = list(data.get("slice_columns") or [])
     shown = report_summary.worst_slices(stats, data_columns, report_summary.MAX_SLICE_ROWS)
     summary["slices"] = {name: s.as_dict(methods) for name, s in sorted(stats.items())
