@@ -48,6 +48,32 @@ def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gr
     return table.round(3)
 
 
+def site_story(table: pd.DataFrame, method: str) -> str:
+    """The demo's closing sentences, computed from its per-site table: the site with the lowest
+    accuracy, how it compares, and whether ``method``'s peak misses the lesion there."""
+    if len(table) < 2 or table.accuracy.isna().all():
+        return "Too few sites with figures to compare."
+    worst = table.accuracy.idxmin()
+    others = table.drop(worst)
+    text = (f"{worst} has the lowest accuracy, {table.accuracy[worst]:.3f} against "
+            f"{others.accuracy.min():.3f}-{others.accuracy.max():.3f} at the other sites")
+    if pd.notna(table.auc[worst]) and others.auc.notna().any():
+        text += f" (AUC {table.auc[worst]:.3f} against {others.auc.min():.3f}-{others.auc.max():.3f})"
+    hits = table.pointing_hit_rate
+    if pd.isna(hits[worst]) or others.pointing_hit_rate.isna().all():
+        return text + "."
+    rates = (f"{100 * hits[worst]:.0f}% of its lesion scans against "
+             f"{100 * others.pointing_hit_rate.min():.0f}-{100 * others.pointing_hit_rate.max():.0f}% "
+             "elsewhere")
+    if hits[worst] < 0.5 * others.pointing_hit_rate.min():
+        return (f"{text}, and there {method}'s peak lies on the lesion in only {rates}: the model "
+                "is right, when it is, for another reason (the galleries show where it looks).")
+    if others.pointing_hit_rate.max() < 0.2:
+        return (f"{text}; {method}'s peak lies on the lesion in {rates}, so at this layer its maps "
+                "localize nowhere and cannot show why (try --layer all).")
+    return f"{text}; {method}'s peak lies on the lesion in {rates}."
+
+
 def importance_grid(summary_path: str, metric: str):
     """The patch importances of ``metric`` laid out as the image grid (rows × columns)."""
     if not os.path.exists(summary_path):
@@ -96,20 +122,23 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     method = "gradcam" if "gradcam" in methods else methods[0]
     print(f"\nPer site (auc from TFMA; attention_on_lesion: share of {method} mass on the lesion "
           "mask, lesion scans):")
-    print(site_table(attributions, run.get("tfma", {}).get("metrics", {}), method).to_string())
-    print("\nAt site_c the model is right for the wrong reason: it looks at a corner marker, not "
-          "the lesion.")
+    table = site_table(attributions, run.get("tfma", {}).get("metrics", {}), method)
+    print(table.to_string())
+    print("\n" + site_story(table, method))
     grid = importance_grid(os.path.join(output, "importance_summary.parquet"), "accuracy")
     if grid is not None:
-        print("\nPermutation importance (accuracy drop when a patch is shuffled), 4x4 grid: the "
-              "lesion area in the middle, and the marker's corner (top left):")
+        top = grid.stack().idxmax()
+        print("\nPermutation importance (accuracy drop when a patch is shuffled), 4x4 grid (the "
+              f"lesion sits in the middle, site_c's marker top left); the largest drop is at "
+              f"{top[0]}_{top[1]} ({grid.stack().max():.3f}):")
         print(grid.to_string())
     for gate in run["gates"]:
         print(f"  gate {gate['gate']} {gate['metric']}: {'passed' if gate['passed'] else 'FAILED'}"
               f" ({gate['slice']}: {gate['value']:.4f}, bound {gate['bound']})")
     if code == job.EXIT_GATE:
-        print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails on the planted shortcut, as it should: "
-              "the audit itself exits 3 (run.json exit_code); the demo command exits 0.")
+        failed = sorted({g["slice"] for g in run["gates"] if not g["passed"]})
+        print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails at {'; '.join(failed)}: the audit "
+              "itself exits 3 (run.json exit_code); the demo command exits 0.")
         code = job.EXIT_OK
     report = os.path.join(output, "report", "index.html")
     if not os.path.exists(report):

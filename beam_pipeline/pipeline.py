@@ -294,7 +294,7 @@ class ExplainBatches(beam.DoFn):
         targets = np.array([t for _, t in items], np.int32)
         try:
             outs = {name: method(images, targets) for name, method in self.explainers.items()}
-            self._add_faithfulness([ex for ex, _ in items], images, outs)
+            reference = self._add_faithfulness([ex for ex, _ in items], images, outs)
         except Exception as exc:
             if len(items) == 1:
                 ex = items[0][0]
@@ -302,22 +302,32 @@ class ExplainBatches(beam.DoFn):
                                   f"{type(exc).__name__}: {exc}")], None
             # Isolate the example that breaks the batch; the others still get audited.
             return [row for item in items for row in self._explain([item])[0]], None
-        return self._rows([ex for ex, _ in items], outs), outs
+        return self._rows([ex for ex, _ in items], outs, reference), outs
 
     def _in_sample(self, example: DecodedExample) -> bool:
         return quality.sample_key(example.example_id, self.config.seed) < self.sample_rate
 
-    def _add_faithfulness(self, examples, images, outs) -> None:
-        """Deletion / insertion AUCs of every method for the batch's sampled examples."""
+    def _add_faithfulness(self, examples, images, outs) -> Dict[int, tuple]:
+        """Deletion / insertion AUCs of every method for the batch's sampled examples; returns
+        {index: (deletion, insertion)} of a seeded random map on the same examples and targets
+        (the reference a reviewer compares the methods with)."""
         sampled = [i for i, ex in enumerate(examples) if self._in_sample(ex)]
         if not sampled:
-            return
+            return {}
         for out in outs.values():
             deletion, insertion = quality.deletion_insertion(
                 self.predictor, images[sampled], out["maps"][sampled],
                 out["target_class"][sampled], batch_size=self.config.batch_size)
             out["deletion_auc"] = {i: float(d) for i, d in zip(sampled, deletion)}
             out["insertion_auc"] = {i: float(v) for i, v in zip(sampled, insertion)}
+        first = next(iter(outs.values()))
+        height, width = images.shape[1:3]
+        random_maps = np.stack([quality.random_map(examples[i].example_id, self.config.seed,
+                                                   height, width) for i in sampled])
+        deletion, insertion = quality.deletion_insertion(
+            self.predictor, images[sampled], random_maps, first["target_class"][sampled],
+            batch_size=self.config.batch_size)
+        return {i: (float(d), float(v)) for i, d, v in zip(sampled, deletion, insertion)}
 
     def _sweep_outputs(self, examples: List[DecodedExample], sweep_maps: Dict[str, np.ndarray]):
         """Per-layer localization counters (overall and per slice value), and every layer's
@@ -368,7 +378,8 @@ class ExplainBatches(beam.DoFn):
                             f"{name}_iou": ious[i], "mask_area": areas[i]})
         return columns
 
-    def _rows(self, examples: List[DecodedExample], outs: Dict[str, Dict[str, np.ndarray]]):
+    def _rows(self, examples: List[DecodedExample], outs: Dict[str, Dict[str, np.ndarray]],
+              reference: Optional[Dict[int, tuple]] = None):
         first = next(iter(outs.values()))
         masks = [ex.mask for ex in examples]
         per_method = [self._method_columns(name, out, masks) for name, out in outs.items()]
@@ -389,6 +400,9 @@ class ExplainBatches(beam.DoFn):
             }
             for columns in per_method:
                 row.update(columns[i])
+            if self.config.faithfulness_sample:
+                row["random_deletion_auc"], row["random_insertion_auc"] = (
+                    (reference or {}).get(i, (None, None)))
             row.update(ex.slices)
             rows.append(row)
         return rows

@@ -11,6 +11,7 @@ Pure TensorFlow / NumPy, no Beam.
   same images and the same (original) target classes are compared with the original maps by
   Spearman rank correlation. A method whose maps stay the same when the model no longer means
   anything explains the input, not the model: ``flag_insensitive`` says so.
+* ``random_map``: a seeded random map per example, the faithfulness reference.
 * ``seeded_sample``: a deterministic sample of example ids, keyed by a hash of (seed, id), so it
   does not depend on the order or sharding in which the ids arrive (``sample_key`` is the key,
   for a Beam ``Top.Smallest`` or a per-shard threshold).
@@ -31,9 +32,20 @@ from .errors import OptionError
 from .explainers import PREDICTED, Classifier
 
 FAITHFULNESS_BASELINES = ("blur", "black")
+# A method is flagged when its maps still correlate above this with the original ones once
+# every layer is randomized (the last step of the curve; earlier steps may stay higher).
+SANITY_THRESHOLD = 0.5
 _TIE_BREAK_SEED = 0  # fixed: the order of equal-attribution pixels is part of the measure
 
 # --------------------------------------------------------------------------- faithfulness
+
+
+def random_map(example_id, seed: int, height: int, width: int) -> np.ndarray:
+    """A uniform random map [height, width] fixed by (seed, example id): the reference a
+    method's deletion / insertion AUC is compared with (a map that knows nothing)."""
+    digest = _sample_digest(example_id, seed)
+    rng = np.random.default_rng(int.from_bytes(digest[8:16], "big"))
+    return rng.random((height, width), dtype=np.float32)
 
 
 def deletion_insertion(predict_target: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
@@ -208,7 +220,7 @@ def cascading_randomization(model, make_method: Callable[[Classifier], Callable]
     return rows
 
 
-def flag_insensitive(rows: Sequence[Dict], threshold: float = 0.5) -> bool:
+def flag_insensitive(rows: Sequence[Dict], threshold: float = SANITY_THRESHOLD) -> bool:
     """True if the maps still correlate above ``threshold`` with the original ones once every
     layer is randomized (the last row): the method does not depend on the model."""
     if not rows:
@@ -309,6 +321,9 @@ def _summary_row(step: int, layer_name: str, correlations: np.ndarray) -> Dict:
         "spearman_mean": float(defined.mean()) if defined.size else float("nan"),
         "spearman_std": float(defined.std()) if defined.size else float("nan"),
         "examples": int(defined.size),
+        # The examples compared: the same at every step. ``examples`` may be fewer, as a map that
+        # is constant at this step (e.g. Grad-CAM all zero) has no rank correlation.
+        "sampled": int(correlations.size),
     }
 
 

@@ -112,7 +112,7 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
         "layer_sweep": figures.layer_sweep_summary(output),
         "importance": figures.importance_section(output),
         "faithfulness": figures.faithfulness(stats, run),
-        "sanity": figures.sanity(output),
+        "sanity": figures.sanity(output, run),
     })
     summary["findings"] = report_text.findings(summary)
     summary["omitted"] = report_text.omitted_notes(run, summary)
@@ -138,7 +138,9 @@ def render_pictures(summary: dict, run: dict, output: str) -> dict:
         if imp["patch_grid"]:
             pictures["patch_heatmap"] = report_plots.patch_heatmap(imp["metric"], imp["patch_grid"])
     if summary.get("sanity"):
-        pictures["sanity"] = report_plots.sanity_chart(summary["sanity"]["curves"])
+        pictures["sanity"] = report_plots.sanity_chart(
+            summary["sanity"]["curves"], summary["sanity"]["judged_step"],
+            summary["sanity"]["threshold"])
     galleries = json.loads(json.dumps(summary["galleries"]))  # thumbnails stay out of summary.json
     wanted = report_gallery.chosen_ids(galleries)
     note = None

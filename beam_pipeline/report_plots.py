@@ -126,22 +126,32 @@ def patch_heatmap(metric: str, grid: Sequence[Sequence[Optional[float]]]) -> str
     return _figure_uri(fig)
 
 
-def sanity_chart(curves: Dict[str, List[dict]]) -> str:
-    """Spearman correlation with the original maps as layers are randomized, per method."""
+def sanity_chart(curves: Dict[str, List[dict]], judged_step: Dict[str, int],
+                 threshold: float) -> str:
+    """Spearman correlation with the original maps as layers are randomized, per method. The
+    verdict judges one point per method, the fully randomized step: it is ringed, and the flag
+    threshold is drawn at that step only (earlier points may lie above it without a flag)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     steps: Dict[int, str] = {}
     for method, rows in curves.items():
         rows = sorted(rows, key=lambda r: r["step"])
-        ax.plot([r["step"] for r in rows], [r["spearman_mean"] for r in rows], marker="o",
-                label=method)
+        line, = ax.plot([r["step"] for r in rows], [r["spearman_mean"] for r in rows],
+                        marker="o", label=method)
+        judged = [r for r in rows if r["step"] == judged_step.get(method)]
+        ax.scatter([r["step"] for r in judged], [r["spearman_mean"] for r in judged], s=160,
+                   facecolors="none", edgecolors=line.get_color(), linewidths=1.5)
         steps.update({r["step"]: r.get("randomized_up_to") or str(r["step"]) for r in rows})
     ax.set_xticks(sorted(steps), [_short(f"…{steps[k]}", 16) for k in sorted(steps)],
                   rotation=30, ha="right")
-    ax.axhline(0.5, color="red", linestyle=":", linewidth=1, label="flag above 0.5")
+    for step in sorted(set(judged_step.values())):
+        ax.hlines(threshold, step - 0.4, step + 0.4, color="red", linewidth=2,
+                  label=f"flag above {threshold:g} (judged step, ringed)")
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("randomized from the output down to layer")
     ax.set_ylabel("Spearman ρ vs original map")
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.grid(alpha=0.3)
     return _figure_uri(fig)
 

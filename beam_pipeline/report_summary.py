@@ -26,6 +26,8 @@ PREFERRED_METRICS = (
 NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction", "calibration")
 # The metric that orders slices "worst first", in order of preference.
 PRIMARY_METRICS = ("auc", "binary_accuracy", "accuracy", "precision[topK:1]")
+# The faithfulness reference: the same measures for a seeded random map on the same examples.
+RANDOM_FAITHFULNESS = ("random_deletion_auc", "random_insertion_auc")
 METHOD_NAMES = {
     "gradcam": "Grad-CAM", "gradcam_plus_plus": "Grad-CAM++", "cam": "CAM", "saliency": "Saliency", "smoothgrad": "SmoothGrad",
     "integrated_gradients": "Integrated Gradients",
@@ -100,6 +102,8 @@ class SliceStats:
             self.labeled += 1
             self.correct += int(label == row.get("predicted_class"))
         self.add_value("mask_area", row.get("mask_area"))
+        for figure in RANDOM_FAITHFULNESS:
+            self.add_value(figure, row.get(figure))
         for method in methods:
             for figure in ("mask_energy", "pointing_hit", "iou", "deletion_auc", "insertion_auc"):
                 self.add_value(f"{method}_{figure}", row.get(f"{method}_{figure}"))
@@ -152,7 +156,7 @@ def scan_attributions(paths: Sequence[str], run: dict, picker=None) -> Dict[str,
     slice_columns = list(run.get("data", {}).get("slice_columns") or [])
     first = methods[0]
     columns = ["example_id", "label", "predicted_class", "probabilities", "mask_area",
-               *slice_columns]
+               *RANDOM_FAITHFULNESS, *slice_columns]
     for method in methods:
         columns += [f"{method}_{f}" for f in ("mask_energy", "pointing_hit", "iou",
                                               "deletion_auc", "insertion_auc")]
@@ -417,17 +421,60 @@ def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
 
 
 def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
+    """Per method, mean deletion / insertion AUC over the sampled examples, beside the same
+    measures for a seeded random map on the same examples (``reference``), and the sample size
+    asked for against the one used."""
     if "overall" not in stats:
         return None
     methods = run.get("model", {}).get("methods") or ["gradcam"]
-    overall = stats["overall"].as_dict(methods)
-    rows = [{"method": m, "deletion_auc": overall[m]["deletion_auc"],
-             "insertion_auc": overall[m]["insertion_auc"], "n": overall[m]["faithfulness_n"]}
-            for m in methods if overall[m]["faithfulness_n"]]
-    return {"rows": rows} if rows else None
+    overall = stats["overall"]
+    figures = overall.as_dict(methods)
+    rows = [{"method": m, "deletion_auc": figures[m]["deletion_auc"],
+             "insertion_auc": figures[m]["insertion_auc"], "n": figures[m]["faithfulness_n"]}
+            for m in methods if figures[m]["faithfulness_n"]]
+    if not rows:
+        return None
+    reference = None
+    if overall.counts.get("random_deletion_auc"):
+        reference = {"method": "random", "deletion_auc": overall.mean("random_deletion_auc"),
+                     "insertion_auc": overall.mean("random_insertion_auc"),
+                     "n": overall.counts["random_deletion_auc"]}
+    for row in rows:
+        row["beats_random"] = _beats_random(row, reference)
+    requested = (run.get("options") or {}).get("faithfulness_sample")
+    used = max(r["n"] for r in rows)
+    return {"rows": rows, "reference": reference, "requested": requested, "used": used,
+            "sample_note": sample_note("--faithfulness-sample", requested, used,
+                                       (run.get("counts") or {}))}
 
 
-def sanity(output: str) -> Optional[dict]:
+def _beats_random(row: dict, reference: Optional[dict]) -> Optional[str]:
+    """"both", "deletion", "insertion" or "neither": where the method's map is more faithful
+    than the random map (lower deletion, higher insertion AUC); None without a reference."""
+    if not reference or None in (row["deletion_auc"], row["insertion_auc"],
+                                 reference["deletion_auc"], reference["insertion_auc"]):
+        return None
+    deletion = row["deletion_auc"] < reference["deletion_auc"]
+    insertion = row["insertion_auc"] > reference["insertion_auc"]
+    return {(True, True): "both", (True, False): "deletion", (False, True): "insertion",
+            (False, False): "neither"}[(deletion, insertion)]
+
+
+def sample_note(option: str, requested: Optional[int], used: int, counts: dict) -> str:
+    """Why a seeded sample has the size it has (faithfulness, sanity)."""
+    total = counts.get("examples_in")
+    if requested is None or not total:
+        return f"{used} sampled examples."
+    if requested >= total:
+        return (f"{option} {requested} asked for at least every example; all {used} audited "
+                "examples were used.")
+    return (f"{option} {requested} asked for about {requested} of {total:,} examples; {used} were "
+            "used. The sample is a seeded hash: each example is kept with probability "
+            f"{requested}/{total:,} whatever the order or sharding, so its size varies around "
+            "the request (and examples that failed to decode are not in it).")
+
+
+def sanity(output: str, run: Optional[dict] = None) -> Optional[dict]:
     rows = _read_rows(join(output, "sanity.parquet"))
     if not rows:
         return None
@@ -436,25 +483,56 @@ def sanity(output: str) -> Optional[dict]:
         curves.setdefault(row["method"], []).append(row)
     for curve in curves.values():
         curve.sort(key=lambda r: r["step"])
+    requested = ((run or {}).get("options") or {}).get("sanity_sample")
     verdicts = {}
     for method, last in quality.sanity_final_rows(rows).items():
+        counts = [r["examples"] for r in curves[method]]
         verdicts[method] = {"flagged": bool(last["flagged"]),
                             "spearman_fully_random": as_number(last["spearman_mean"]),
-                            "examples": last["examples"]}
+                            "judged_step": last["step"], "steps": len(curves[method]),
+                            "randomized_up_to": last.get("randomized_up_to"),
+                            "threshold": quality.SANITY_THRESHOLD,
+                            "examples": last["examples"], "sampled": last.get("sampled"),
+                            "examples_per_step": counts, "requested": requested}
         verdicts[method]["statement"] = sanity_statement(method, verdicts[method])
-    return {"curves": curves, "verdicts": verdicts}
+    judged = {m: v["judged_step"] for m, v in verdicts.items()}
+    return {"curves": curves, "verdicts": verdicts, "judged_step": judged,
+            "threshold": quality.SANITY_THRESHOLD}
 
 
 def sanity_statement(method: str, result: dict) -> str:
-    """The plain sentence the report prints for a method's sanity check."""
+    """The plain sentence the report prints for a method's sanity check: the verdict, the step
+    it is judged at (the one the chart marks), and how many examples it rests on and why."""
     name, rho = METHOD_NAMES.get(method, method), result["spearman_fully_random"]
     rho_text = "n/a" if rho is None else f"{rho:.2f}"
+    where = (f"at step {result.get('judged_step', '?')} of {result.get('steps', '?')}, with every "
+             "layer randomized")
     if result["flagged"]:
-        return (f"{name} fails its sanity check: its maps still correlate {rho_text} (Spearman) "
-                "with those of a fully randomized model, so they show the image more than what "
-                "the model uses. Do not rely on them.")
-    return (f"{name} passes its sanity check: its maps correlate {rho_text} with those of a "
-            f"fully randomized model ({result['examples']} examples).")
+        head = (f"{name} fails its sanity check: {where}, its maps still correlate {rho_text} "
+                f"(Spearman) with the original ones, above {result.get('threshold', 0.5)}, so "
+                "they show the image more than what the model uses. Do not rely on them.")
+    else:
+        head = (f"{name} passes its sanity check: {where}, its maps correlate {rho_text} with the "
+                f"original ones (a flag needs more than {result.get('threshold', 0.5)}; earlier "
+                "steps, with fewer layers randomized, may stay above it).")
+    return f"{head} {_sanity_counts(result)}"
+
+
+def _sanity_counts(result: dict) -> str:
+    sampled, examples = result.get("sampled"), result["examples"]
+    text = f"The correlation is over {examples} examples"
+    if sampled:
+        text += f" of the {sampled} sampled"
+        if result.get("requested") is not None:
+            text += f" (--sanity-sample {result['requested']} asks for about that many)"
+        if examples < sampled:
+            text += (f"; at this step {sampled - examples} had a constant map (e.g. all zero "
+                     "after ReLU), for which a rank correlation is undefined")
+    per_step = result.get("examples_per_step") or []
+    if len(set(per_step)) > 1:
+        text += (f". Per step: {'/'.join(map(str, per_step))} examples, the same sample, fewer "
+                 "where maps turned constant")
+    return text + "."
 
 
 def layer_sweep_summary(output: str) -> Optional[dict]:

@@ -23,58 +23,127 @@ def _metric_findings(metrics: Optional[dict]) -> List[str]:
     return out
 
 
-def _worst_localized(loc: Optional[dict], method: str) -> Optional[tuple]:
-    """(worst slice row, best slice row) by pointing-game rate, among data slices."""
-    rows = [r for r in (loc or {}).get("rows", [])
+# Below this pointing-game rate on every slice, a method localizes nowhere: no slice is singled
+# out as "missing the mask" (with every rate near 0, the lowest is noise, not a finding).
+LOCALIZES_NOWHERE = 0.2
+# A slice is singled out when its pointing-game rate is below this share of the best slice's.
+SINGLED_OUT = 0.5
+
+
+def _localization_rows(loc: Optional[dict], method: str) -> List[dict]:
+    """The data-slice rows of the localization table with a pointing-game rate for ``method``."""
+    return [r for r in (loc or {}).get("rows", [])
             if r["slice"] != "overall" and r[method]["pointing_hit"] is not None]
+
+
+def _worst_localized(loc: Optional[dict], method: str) -> Optional[dict]:
+    """By the pointing-game rate (the measure the sentence states), over the localization
+    table's data-slice rows: {"kind": "nowhere" | "even" | "worst", "worst": [rows tied at the
+    lowest rate], "best": the row with the highest rate}; None with fewer than two slices."""
+    rows = _localization_rows(loc, method)
     if len(rows) < 2:
         return None
     rows.sort(key=lambda r: (r[method]["pointing_hit"], r["slice"]))
-    return rows[0], rows[-1]
+    low, high = rows[0][method]["pointing_hit"], rows[-1][method]["pointing_hit"]
+    worst = [r for r in rows if r[method]["pointing_hit"] == low]
+    if high < LOCALIZES_NOWHERE:
+        kind = "nowhere"
+    elif low >= SINGLED_OUT * high:
+        kind = "even"
+    else:
+        kind = "worst"
+    return {"kind": kind, "worst": worst, "best": rows[-1]}
 
 
 def _localization_finding(loc: Optional[dict], method: str) -> Optional[str]:
-    pair = _worst_localized(loc, method)
-    if not pair:
+    found = _worst_localized(loc, method)
+    if not found:
         return None
-    worst, best = pair
-    w, b = worst[method], best[method]
-    if w["pointing_hit"] >= 0.5 * b["pointing_hit"] and (w["energy_lift"] or 1) >= 1:
-        return (f"{METHOD_NAMES.get(method, method)} finds the annotated region about equally "
-                f"well on every slice ({pct(w['pointing_hit'])} to {pct(b['pointing_hit'])} "
-                "of maps peak on the mask).")
-    lift, best_lift = w["energy_lift"], b["energy_lift"]
+    name = METHOD_NAMES.get(method, method)
+    best = found["best"]
+    low, high = found["worst"][0][method]["pointing_hit"], best[method]["pointing_hit"]
+    if found["kind"] == "nowhere":
+        return (f"{name}'s peak lies on the annotated region in at most {pct(high)} of the "
+                f"examples with a mask on any slice ({pct(low)} to {pct(high)}, pointing game, "
+                "localization table): its maps do not find the region anywhere, so no slice is "
+                "singled out by them.")
+    if found["kind"] == "even":
+        return (f"{name} finds the annotated region about equally well on every slice "
+                f"({pct(low)} to {pct(high)} of maps peak on the mask, pointing game).")
+    names = " and ".join(r["slice"] for r in found["worst"])
+    w = found["worst"][0][method]
+    lift, best_lift = w["energy_lift"], best[method]["energy_lift"]
     spread = "" if lift is None or best_lift is None else (
         f"; its share of the map on the mask is {lift:.2f}× the mask's share of the image "
         f"(against {best_lift:.2f}×" + (", less than a map spread evenly" if lift < 1 else "")
         + ")")
-    return (f"On {worst['slice']}, {METHOD_NAMES.get(method, method)}'s peak lies on the "
-            f"annotated region in {pct(w['pointing_hit'])} of the examples with a mask, against "
-            f"{pct(b['pointing_hit'])} on {best['slice']}{spread}.")
+    return (f"On {names}, {name}'s peak lies on the annotated region in {pct(low)} of the "
+            f"examples with a mask (the lowest pointing-game rate), against {pct(high)} on "
+            f"{best['slice']}{spread}.")
+
+
+def _shortcut_finding(summary: dict, method: str) -> Optional[str]:
+    """The slice that is both the worst by the primary metric and singled out as missing the
+    mask: named only when the two tables agree on the same single slice."""
+    found = _worst_localized(summary.get("localization"), method)
+    metrics = summary.get("metrics") or {}
+    if not found or found["kind"] != "worst" or len(found["worst"]) != 1:
+        return None
+    slice_name = found["worst"][0]["slice"]
+    metric_worst = [g["gaps"][metrics["primary"]]["worst"] for g in metrics.get("by_column", [])
+                    if not g["derived"] and metrics["primary"] in g["gaps"]]
+    if slice_name not in metric_worst:
+        return None
+    return (f"{slice_name} is both where the model does worst ({metrics['primary']}, metrics "
+            "table) and where its attention misses the annotated region (pointing game, "
+            "localization table): it likely relies on something else there (a shortcut). The "
+            "galleries below show what it looks at instead.")
+
+
+def _faithfulness_findings(faith: Optional[dict]) -> List[str]:
+    """Each method against the random map on the same examples (faithfulness table)."""
+    if not faith or not faith.get("reference"):
+        return []
+    ref, out = faith["reference"], []
+    beat = [r for r in faith["rows"] if r["beats_random"] == "both"]
+    for row in faith["rows"]:
+        if row["beats_random"] in (None, "both"):
+            continue
+        verdict = ("is no more faithful than a random map on either measure"
+                   if row["beats_random"] == "neither"
+                   else f"beats a random map on {row['beats_random']} only")
+        out.append(f"{METHOD_NAMES.get(row['method'], row['method'])} {verdict}: deletion AUC "
+                   f"{row['deletion_auc']:.3f} against {ref['deletion_auc']:.3f}, insertion "
+                   f"{row['insertion_auc']:.3f} against {ref['insertion_auc']:.3f} for the random "
+                   f"map on the same {ref['n']} examples (lower deletion and higher insertion "
+                   "are better).")
+    if beat:
+        names = ", ".join(METHOD_NAMES.get(r["method"], r["method"]) for r in beat)
+        out.append(f"{names} {'beats' if len(beat) == 1 else 'beat'} a random map on both "
+                   f"faithfulness measures (random map: deletion {ref['deletion_auc']:.3f}, "
+                   f"insertion {ref['insertion_auc']:.3f}; faithfulness table).")
+    return out
 
 
 def findings(summary: dict) -> List[str]:
-    """Plain sentences from the figures: worst slice, where attention misses, what matters."""
+    """Plain sentences from the figures, each from the table or chart the page shows
+    (README, "Findings and where they come from")."""
     out = _metric_findings(summary.get("metrics"))
     methods = summary["identity"]["methods"] or ["gradcam"]
     loc = summary.get("localization")
-    sentence = _localization_finding(loc, methods[0])
-    if sentence:
-        out.append(sentence)
-    pair = _worst_localized(loc, methods[0])
-    metric_worst = [g["gaps"][summary["metrics"]["primary"]]["worst"]
-                    for g in (summary.get("metrics") or {}).get("by_column", [])
-                    if not g["derived"] and summary["metrics"]["primary"] in g["gaps"]]
-    if pair and pair[0]["slice"] in metric_worst and \
-            pair[0][methods[0]]["pointing_hit"] < 0.5 * pair[1][methods[0]]["pointing_hit"]:
-        out.append(f"{pair[0]['slice']} is both where the model does worst and where its "
-                   "attention misses the annotated region: it likely relies on something else "
-                   "there (a shortcut). The galleries below show what it looks at instead.")
+    for method in methods:
+        sentence = _localization_finding(loc, method)
+        if sentence:
+            out.append(sentence)
+    shortcut = _shortcut_finding(summary, methods[0])
+    if shortcut:
+        out.append(shortcut)
     imp = summary.get("importance")
     if imp and imp["features"]:
         top = [f"{r['feature']} ({as_number(r['importance']):.3f})" for r in imp["features"][:3]]
         out.append(f"Shuffling {top[0]} costs the most {imp['metric']}; then "
                    f"{', '.join(top[1:])}.")
+    out += _faithfulness_findings(summary.get("faithfulness"))
     for method, result in ((summary.get("sanity") or {}).get("verdicts") or {}).items():
         if result["flagged"]:
             out.append(result["statement"])

@@ -42,6 +42,8 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
                 (f"{method}_pointing_hit", pa.bool_()),
                 (f"{method}_iou", pa.float32()),
             ]
+    if faithfulness:  # the same measures for a seeded random map: the reference
+        fields += [("random_deletion_auc", pa.float32()), ("random_insertion_auc", pa.float32())]
     if has_masks:
         fields.append(("mask_area", pa.float32()))  # the mask's share of the image
     taken = {name for name, _ in fields}
@@ -116,7 +118,8 @@ SANITY_SCHEMA = pa.schema(
         ("randomized_up_to", pa.string()),
         ("spearman_mean", pa.float64()),
         ("spearman_std", pa.float64()),
-        ("examples", pa.int64()),
+        ("examples", pa.int64()),  # examples with a defined correlation at this step
+        ("sampled", pa.int64()),  # examples compared (the same at every step)
         ("flagged", pa.bool_()),  # the maps barely change when the model is randomized
     ]
 )
