@@ -427,10 +427,17 @@ def _read_table(path: str) -> List[dict]:
 def _quality_summary(plan: Plan) -> dict:
     """Sanity-check verdicts per method and where the layer sweep's attention lands best."""
     cfg = plan.config
-    summary: dict = {"faithfulness_sample": cfg.faithfulness_sample}
+    summary: dict = {"faithfulness_sample": cfg.faithfulness_sample,
+                     "sanity_sample": cfg.sanity_sample}
+    if cfg.faithfulness_sample:  # the sample size used, against the one asked for
+        column = runinfo.read_column(pipeline.output_path(cfg.output, "attributions"),
+                                     f"{cfg.methods[0]}_deletion_auc")
+        summary["faithfulness_examples"] = len(column) - column.null_count
     if cfg.sanity_sample:
         rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))
-        summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"]}
+        summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"],
+                                 "judged_step": r["step"], "examples": r["examples"],
+                                 "sampled": r.get("sampled")}
                              for m, r in quality.sanity_final_rows(rows).items()}
     if cfg.sweep:
         rows = _read_table(pipeline.output_path(cfg.output, "layer_sweep.parquet"))

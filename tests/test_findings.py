@@ -138,6 +138,8 @@ def test_random_map_reference_in_attributions_and_report(region_run):
     assert 0 < sampled.sum() < len(attributions)
     assert (attributions.random_deletion_auc.notna() == sampled).all()
     assert (attributions.random_insertion_auc.notna() == sampled).all()
+    assert run["quality"]["faithfulness_examples"] == sampled.sum()
+    assert run["quality"]["faithfulness_sample"] == 12
     with open(os.path.join(region_run, "report", "summary.json")) as handle:
         summary = json.load(handle)
     faith = summary["faithfulness"]
