@@ -524,7 +524,8 @@ def _sanity_counts(result: dict) -> str:
     if sampled:
         text += f" of the {sampled} sampled"
         if result.get("requested") is not None:
-            text += f" (--sanity-sample {result['requested']} asks for about that many)"
+            text += (f" (--sanity-sample {result['requested']}: a seeded hash sample, whose "
+                     "size varies around the request)")
         if examples < sampled:
             text += (f"; at this step {sampled - examples} had a constant map (e.g. all zero "
                      "after ReLU), for which a rank correlation is undefined")

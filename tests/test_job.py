@@ -19,7 +19,8 @@ from conftest import IMAGE_SIZE, conv_activations, gap_model, make_manifest, png
 
 BASE_COLUMNS = {"example_id", "label", "predicted_class", "probabilities", "target_class",
                 "gradcam", "gradcam_shape", "gradcam_layer",
-                "gradcam_deletion_auc", "gradcam_insertion_auc"}  # faithfulness: sampled rows
+                "gradcam_deletion_auc", "gradcam_insertion_auc",  # faithfulness: sampled rows
+                "random_deletion_auc", "random_insertion_auc"}  # and its random-map reference
 MASK_COLUMNS = {"gradcam_mask_energy", "gradcam_pointing_hit", "gradcam_iou", "mask_area"}
 
 
