@@ -1,7 +1,8 @@
 """Where the examples come from: class-folder trees, CSV/Parquet manifests, TFRecords of tf.Example.
 
 ``inspect_source`` runs once on the launcher: it checks the data URI, learns the class names and
-the slice columns' types, and fingerprints the data. It returns a small, picklable ``SourceSpec``.
+the slice columns' types (``choose_slices``: columns with too many distinct values are carried,
+not sliced; ``--slice-bins`` adds binned slices), and fingerprints the data. It returns a small, picklable ``SourceSpec``.
 The pipeline then enumerates ``ExampleRef``s from that spec on the workers (``iter_refs``,
 ``iter_tfrecord_refs``), so the example list never travels inside the pipeline graph.
 
