@@ -48,6 +48,11 @@ def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gr
     return table.round(3)
 
 
+def _span(values: pd.Series) -> str:
+    low, high = values.min(), values.max()
+    return f"{low:.3f}" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f}-{high:.3f}"
+
+
 def site_story(table: pd.DataFrame, method: str) -> str:
     """The demo's closing sentences, computed from its per-site table: the site with the lowest
     accuracy, how it compares, and whether ``method``'s peak misses the lesion there."""
@@ -56,21 +61,22 @@ def site_story(table: pd.DataFrame, method: str) -> str:
     worst = table.accuracy.idxmin()
     others = table.drop(worst)
     text = (f"{worst} has the lowest accuracy, {table.accuracy[worst]:.3f} against "
-            f"{others.accuracy.min():.3f}-{others.accuracy.max():.3f} at the other sites")
+            f"{_span(others.accuracy)} at the other sites")
     if pd.notna(table.auc[worst]) and others.auc.notna().any():
-        text += f" (AUC {table.auc[worst]:.3f} against {others.auc.min():.3f}-{others.auc.max():.3f})"
+        text += f" (AUC {table.auc[worst]:.3f} against {_span(others.auc)})"
     hits = table.pointing_hit_rate
     if pd.isna(hits[worst]) or others.pointing_hit_rate.isna().all():
         return text + "."
-    rates = (f"{100 * hits[worst]:.0f}% of its lesion scans against "
-             f"{100 * others.pointing_hit_rate.min():.0f}-{100 * others.pointing_hit_rate.max():.0f}% "
-             "elsewhere")
+    low, high = others.pointing_hit_rate.min(), others.pointing_hit_rate.max()
+    elsewhere = f"{100 * low:.0f}%" if round(100 * low) == round(100 * high) else \
+        f"{100 * low:.0f}-{100 * high:.0f}%"
+    rates = f"{100 * hits[worst]:.0f}% of its lesion scans against {elsewhere} elsewhere"
     if hits[worst] < 0.5 * others.pointing_hit_rate.min():
         return (f"{text}, and there {method}'s peak lies on the lesion in only {rates}: the model "
                 "is right, when it is, for another reason (the galleries show where it looks).")
     if others.pointing_hit_rate.max() < 0.2:
         return (f"{text}; {method}'s peak lies on the lesion in {rates}, so at this layer its maps "
-                "localize nowhere and cannot show why (try --layer all).")
+                "localize nowhere and cannot show why.")
     return f"{text}; {method}'s peak lies on the lesion in {rates}."
 
 

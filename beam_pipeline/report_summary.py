@@ -493,7 +493,9 @@ def sanity(output: str, run: Optional[dict] = None) -> Optional[dict]:
                             "randomized_up_to": last.get("randomized_up_to"),
                             "threshold": quality.SANITY_THRESHOLD,
                             "examples": last["examples"], "sampled": last.get("sampled"),
-                            "examples_per_step": counts, "requested": requested}
+                            "examples_per_step": counts, "requested": requested,
+                            # No defined correlation at the judged step: neither passed nor failed.
+                            "judged": bool(last["examples"])}
         verdicts[method]["statement"] = sanity_statement(method, verdicts[method])
     judged = {m: v["judged_step"] for m, v in verdicts.items()}
     return {"curves": curves, "verdicts": verdicts, "judged_step": judged,
@@ -507,6 +509,10 @@ def sanity_statement(method: str, result: dict) -> str:
     rho_text = "n/a" if rho is None else f"{rho:.2f}"
     where = (f"at step {result.get('judged_step', '?')} of {result.get('steps', '?')}, with every "
              "layer randomized")
+    if not result["examples"]:
+        return (f"{name}'s sanity check cannot be judged: {where}, every sampled map was constant "
+                "(e.g. all zero), so no rank correlation is defined; it neither passes nor "
+                f"fails. {_sanity_counts(result)}")
     if result["flagged"]:
         head = (f"{name} fails its sanity check: {where}, its maps still correlate {rho_text} "
                 f"(Spearman) with the original ones, above {result.get('threshold', 0.5)}, so "

@@ -55,18 +55,33 @@ def _worst_localized(loc: Optional[dict], method: str) -> Optional[dict]:
     return {"kind": kind, "worst": worst, "best": rows[-1]}
 
 
+def _names(methods) -> str:
+    names = [METHOD_NAMES.get(m, m) for m in methods]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _localization_nowhere(loc: Optional[dict], methods) -> Optional[str]:
+    """One sentence for the methods whose maps peak on the mask rarely on every slice."""
+    nowhere = [m for m in methods if (_worst_localized(loc, m) or {}).get("kind") == "nowhere"]
+    if not nowhere:
+        return None
+    rates = [r[m]["pointing_hit"] for m in nowhere for r in _localization_rows(loc, m)]
+    verb = "peaks" if len(nowhere) == 1 else "peak"
+    return (f"{_names(nowhere)} {verb} on the annotated region in at most {pct(max(rates))} of the "
+            f"examples with a mask on any slice ({pct(min(rates))} to {pct(max(rates))}, pointing "
+            "game, localization table): these maps do not find the region anywhere, so no slice "
+            "is singled out by them.")
+
+
 def _localization_finding(loc: Optional[dict], method: str) -> Optional[str]:
+    """The slice(s) where ``method`` misses the mask, or that it finds it evenly (the methods
+    that find it nowhere are grouped by ``_localization_nowhere``)."""
     found = _worst_localized(loc, method)
-    if not found:
+    if not found or found["kind"] == "nowhere":
         return None
     name = METHOD_NAMES.get(method, method)
     best = found["best"]
     low, high = found["worst"][0][method]["pointing_hit"], best[method]["pointing_hit"]
-    if found["kind"] == "nowhere":
-        return (f"{name}'s peak lies on the annotated region in at most {pct(high)} of the "
-                f"examples with a mask on any slice ({pct(low)} to {pct(high)}, pointing game, "
-                "localization table): its maps do not find the region anywhere, so no slice is "
-                "singled out by them.")
     if found["kind"] == "even":
         return (f"{name} finds the annotated region about equally well on every slice "
                 f"({pct(low)} to {pct(high)} of maps peak on the mask, pointing game).")
@@ -82,22 +97,26 @@ def _localization_finding(loc: Optional[dict], method: str) -> Optional[str]:
             f"{best['slice']}{spread}.")
 
 
-def _shortcut_finding(summary: dict, method: str) -> Optional[str]:
+def _shortcut_finding(summary: dict, methods) -> Optional[str]:
     """The slice that is both the worst by the primary metric and singled out as missing the
-    mask: named only when the two tables agree on the same single slice."""
-    found = _worst_localized(summary.get("localization"), method)
+    mask: named only when the two tables agree on the same single slice, with the methods whose
+    localization finding names it."""
     metrics = summary.get("metrics") or {}
-    if not found or found["kind"] != "worst" or len(found["worst"]) != 1:
+    metric_worst = {g["gaps"][metrics["primary"]]["worst"] for g in metrics.get("by_column", [])
+                    if not g["derived"] and metrics["primary"] in g["gaps"]}
+    agreeing: Dict[str, list] = {}
+    for method in methods:
+        found = _worst_localized(summary.get("localization"), method)
+        if found and found["kind"] == "worst" and len(found["worst"]) == 1 \
+                and found["worst"][0]["slice"] in metric_worst:
+            agreeing.setdefault(found["worst"][0]["slice"], []).append(method)
+    if not agreeing:
         return None
-    slice_name = found["worst"][0]["slice"]
-    metric_worst = [g["gaps"][metrics["primary"]]["worst"] for g in metrics.get("by_column", [])
-                    if not g["derived"] and metrics["primary"] in g["gaps"]]
-    if slice_name not in metric_worst:
-        return None
+    slice_name, named = max(agreeing.items(), key=lambda kv: len(kv[1]))
     return (f"{slice_name} is both where the model does worst ({metrics['primary']}, metrics "
-            "table) and where its attention misses the annotated region (pointing game, "
-            "localization table): it likely relies on something else there (a shortcut). The "
-            "galleries below show what it looks at instead.")
+            f"table) and where the attention of {_names(named)} misses the annotated region "
+            "(pointing game, localization table): it likely relies on something else there (a "
+            "shortcut). The galleries below show what it looks at instead.")
 
 
 def _faithfulness_findings(faith: Optional[dict]) -> List[str]:
@@ -131,13 +150,10 @@ def findings(summary: dict) -> List[str]:
     out = _metric_findings(summary.get("metrics"))
     methods = summary["identity"]["methods"] or ["gradcam"]
     loc = summary.get("localization")
-    for method in methods:
-        sentence = _localization_finding(loc, method)
-        if sentence:
-            out.append(sentence)
-    shortcut = _shortcut_finding(summary, methods[0])
-    if shortcut:
-        out.append(shortcut)
+    sentences = [_localization_nowhere(loc, methods)]
+    sentences += [_localization_finding(loc, method) for method in methods]
+    sentences.append(_shortcut_finding(summary, methods))
+    out += [s for s in sentences if s]
     imp = summary.get("importance")
     if imp and imp["features"]:
         top = [f"{r['feature']} ({as_number(r['importance']):.3f})" for r in imp["features"][:3]]
@@ -145,7 +161,7 @@ def findings(summary: dict) -> List[str]:
                    f"{', '.join(top[1:])}.")
     out += _faithfulness_findings(summary.get("faithfulness"))
     for method, result in ((summary.get("sanity") or {}).get("verdicts") or {}).items():
-        if result["flagged"]:
+        if result["flagged"] or not result.get("judged", True):
             out.append(result["statement"])
     acc = summary["accounting"]
     if acc["examples_failed"]:

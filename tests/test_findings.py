@@ -97,6 +97,19 @@ def test_sanity_statement_and_chart_judge_the_same_step(tmp_path, monkeypatch):
     assert segment[0][1] == segment[1][1] == quality.SANITY_THRESHOLD
 
 
+def test_sanity_without_any_defined_correlation_is_not_a_pass(tmp_path):
+    rows = [{"method": "gradcam", "step": s, "randomized_up_to": f"l{s}", "spearman_mean": rho,
+             "spearman_std": 0.1, "examples": n, "sampled": 9, "flagged": False}
+            for s, rho, n in ((1, 0.6, 9), (2, float("nan"), 0))]
+    pq.write_table(pa.Table.from_pylist(rows, SANITY_SCHEMA), tmp_path / "sanity.parquet")
+    verdict = report_summary.sanity(str(tmp_path))["verdicts"]["gradcam"]
+    assert not verdict["judged"] and "cannot be judged" in verdict["statement"]
+    assert "passes its sanity check" not in verdict["statement"]
+    summary = _summary({"site=site_a": 0.9, "site=site_b": 0.8})
+    summary["sanity"] = {"verdicts": {"gradcam": verdict}}
+    assert verdict["statement"] in report_text.findings(summary)
+
+
 def test_random_map_is_seeded_and_a_map_on_the_used_region_beats_it():
     first = quality.random_map("ex1", 0, 4, 5)
     assert first.shape == (4, 5) and np.array_equal(first, quality.random_map("ex1", 0, 4, 5))
