@@ -105,3 +105,31 @@ def test_explicit_slice_columns_are_sliced_whatever_their_cardinality(tmp_path, 
     with pytest.raises(OptionError, match="bins need numbers"):
         sources.inspect_source(manifest, sources.ColumnNames(), None,
                                slice_bins={"site": [0, 1]})
+
+
+def test_tfrecord_columns_are_counted_on_the_first_records(tmp_path, rng):
+    import tensorflow as tf
+
+    from conftest import png_bytes, random_image
+
+    image = png_bytes(random_image(rng))
+    path = str(tmp_path / "a.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for i in range(N):
+            feature = {
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2])),
+                "age": tf.train.Feature(int64_list=tf.train.Int64List(value=[i])),
+                "site": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"s%d" % (i % 3)])),
+            }
+            writer.write(tf.train.Example(
+                features=tf.train.Features(feature=feature)).SerializeToString())
+    spec = sources.inspect_source(path, sources.ColumnNames(), None,
+                                  slice_bins={"age": [0, 30, 60]})
+    assert spec.slice_types == {"site": "string", "age_bin": "string"}
+    assert spec.carried_types == {"age": "int64"} and not spec.skipped_slices
+    plain = sources.inspect_source(path, sources.ColumnNames())
+    assert plain.skipped_slices == {"age": N} and plain.slice_types == {"site": "string"}
+    refs = list(sources.iter_tfrecord_refs(spec, path, "a.tfrecord"))
+    assert [r.slices["age_bin"] for r in refs[29:31]] == ["[0,30)", "[30,60)"]
+    assert refs[0].slices == {"age": 0, "site": "s0", "age_bin": "[0,30)"}
