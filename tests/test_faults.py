@@ -462,3 +462,22 @@ def _bitwise(values):
         else:
             out.append(value)
     return out
+
+
+def test_empty_label_with_target_label_is_no_label_for_target(tmp_path, rng, model3):
+    """An unlabeled example is audited by default, but --target label needs its label."""
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        write_png(str(root / f"{name}.png"), random_image(rng))
+    manifest = root / "manifest.csv"
+    pd.DataFrame([{"id": "labeled", "image": "a.png", "label": 1},
+                  {"id": "unlabeled", "image": "b.png", "label": ""}]).to_csv(manifest,
+                                                                               index=False)
+    out = tmp_path / "out"
+    quick = ["--tfma-config", "none", "--permutation-features", "none",
+             "--faithfulness-sample", "0", "--sanity-sample", "0", "--max-error-rate", "0.5"]
+    assert run_cli("run", "--model", model3, "--data", manifest, "--output", out,
+                   "--target", "label", *quick) == 0
+    attributions, errors, run = assert_outcomes(
+        out, {"labeled": AUDITED, "unlabeled": err("no_label_for_target")})
+    assert errors.set_index("example_id").loc["unlabeled", "stage"] == "explain"
