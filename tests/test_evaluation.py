@@ -250,5 +250,42 @@ def test_slice_gap_leaves_one_class_slices_out_of_auc_gaps():
     # Accuracy is defined on one class: site=c still counts, and fails the gate.
     assert not gates["binary_accuracy"]["passed"]
     assert gates["binary_accuracy"]["slice"] == "site=c vs site=a"
-    assert evaluation.one_class_slice({"mean_label": {"value": 0.0}})
-    assert not evaluation.one_class_slice({"mean_label": 0.3}) and not evaluation.one_class_slice({})
+    # AUC-PR is a ranking metric too: undefined on site=c by the same rule.
+    table["site=c"]["auc_precision_recall"] = 1.0
+    table["site=a"]["auc_precision_recall"] = table["site=b"]["auc_precision_recall"] = 0.9
+    pr = evaluation.slice_gap_gates(table, {"auc_precision_recall": 0.01}, ["site"])[0]
+    assert pr["passed"] and pr["value"] == 0
+
+
+def test_gap_gate_ties_and_small_slices():
+    table = {f"site={s}": {"auc": 1.0, "example_count": 40} for s in "abc"}
+    gate = evaluation.slice_gap_gates(table, {"auc": 0.05}, ["site"], min_slice_size=30)[0]
+    assert gate["passed"] and "all 3 slices" in gate["message"]
+    assert gate["slice"] == "site=a vs site=c"
+    table["site=d"] = {"auc": 0.5, "example_count": 29}  # below --min-slice-size: no gap
+    gate = evaluation.slice_gap_gates(table, {"auc": 0.05}, ["site"], min_slice_size=30)[0]
+    assert gate["passed"] and "site=d" not in gate["message"]
+    assert not evaluation.slice_gap_gates(table, {"auc": 0.05}, ["site"], min_slice_size=0)[0][
+        "passed"]
+
+
+def test_metric_names_derived_from_the_config_and_typos_are_usage_errors():
+    from importlib import resources
+
+    from beam_pipeline.errors import UsageError
+
+    config, _ = evaluation.load_eval_config(None, 2)
+    names = evaluation.computed_metric_names(config)
+    assert {"auc", "auc_precision_recall", "binary_accuracy", "recall", "example_count"} <= set(
+        names) and not any(n.endswith("_plot") for n in names)
+    with pytest.raises(UsageError, match="Did you mean recall"):
+        evaluation.check_gap_metrics({"recal": 0.1}, names, "tfma_configs/binary.pbtxt")
+    with pytest.raises(UsageError, match="Did you mean binary_accuracy"):
+        evaluation.check_gap_metrics({"accuracy": 0.1}, names, "tfma_configs/binary.pbtxt")
+    config, _ = evaluation.load_eval_config(None, 3)
+    done = evaluation.complete_eval_config(config, 3, [], False, False)
+    names = evaluation.computed_metric_names(done)
+    assert {"auc[classId:0]", "auc[classId:2]", "precision[topK:1]", "recall[topK:3]"} <= set(names)
+    assert not evaluation.has_thresholds(done)
+    path = str(resources.files("tfma_configs").joinpath("binary_with_thresholds.pbtxt"))
+    assert evaluation.has_thresholds(evaluation.load_eval_config(path, 2)[0])
