@@ -151,11 +151,23 @@ def read_labels_and_probabilities(folder: str) -> Tuple[np.ndarray, np.ndarray]:
     return labels.to_numpy(zero_copy_only=False).astype(np.int64), flat.reshape(len(labels), -1)
 
 
-def skipped_note(enabled: bool, labeled: bool) -> Optional[str]:
-    """Why the run has no baseline gates, or None when it has them."""
-    if not enabled:
-        return ("--baseline-gates off: the baseline gates (better than chance, not degenerate) "
-                "were not checked.")
+def verdict_scope(enabled: bool, labeled: bool, thresholds: bool) -> dict:
+    """What a PASSED verdict certifies (run.json ``verdict_scope``; the report prints
+    ``statement`` in the verdict box)."""
     if not labeled:
-        return "The data has no labels, so the baseline gates were not checked."
-    return None
+        baseline, checked = "not applicable", "The data has no labels, so no quality gate was checked"
+    elif enabled:
+        baseline, checked = "on", ("The baseline gates (better than chance, not degenerate) "
+                                   "were checked as defaults")
+    else:
+        baseline, checked = "off", "--baseline-gates off: the baseline gates were not checked"
+    if thresholds:
+        statement = f"{checked}, with the performance thresholds set for this run and the error rate."
+    else:
+        only = ("only the baseline gates and the error rate were checked" if labeled and enabled
+                else "only the error rate was checked")
+        statement = (f"No performance threshold was set (no thresholds in the TFMA config, no "
+                     f"--max-slice-gap): {only}. {checked}. A pass certifies no level of "
+                     "performance.")
+    return {"baseline_gates": baseline, "performance_thresholds": thresholds,
+            "statement": statement}

@@ -105,8 +105,10 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
               "lesion area in the middle, and the marker's corner (top left):")
         print(grid.to_string())
     for gate in run["gates"]:
+        value = gate["value"]
         print(f"  gate {gate['gate']} {gate['metric']}: {'passed' if gate['passed'] else 'FAILED'}"
-              f" ({gate['slice']}: {gate['value']:.4f}, bound {gate['bound']})")
+              f" ({gate['slice']}: {'n/a' if value is None else f'{value:.4f}'}, "
+              f"bound {gate['bound']})")
     if code == job.EXIT_GATE:
         print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails on the planted shortcut, as it should: "
               "the audit itself exits 3 (run.json exit_code); the demo command exits 0.")
