@@ -154,20 +154,16 @@ def read_labels_and_probabilities(folder: str) -> Tuple[np.ndarray, np.ndarray]:
 def verdict_scope(enabled: bool, labeled: bool, thresholds: bool) -> dict:
     """What a PASSED verdict certifies (run.json ``verdict_scope``; the report prints
     ``statement`` in the verdict box)."""
-    if not labeled:
-        baseline, checked = "not applicable", "The data has no labels, so no quality gate was checked"
-    elif enabled:
-        baseline, checked = "on", ("The baseline gates (better than chance, not degenerate) "
-                                   "were checked as defaults")
-    else:
-        baseline, checked = "off", "--baseline-gates off: the baseline gates were not checked"
+    baseline = "on" if enabled and labeled else ("off" if labeled else "not applicable")
+    checked = {"on": "the default baseline gates (better than chance, not degenerate) and the "
+                     "error rate",
+               "off": "the error rate (--baseline-gates off: no baseline gate)",
+               "not applicable": "the error rate (the data has no labels: no baseline gate)"}
     if thresholds:
-        statement = f"{checked}, with the performance thresholds set for this run and the error rate."
+        statement = (f"Checked: the performance thresholds set for this run, {checked[baseline]}.")
     else:
-        only = ("only the baseline gates and the error rate were checked" if labeled and enabled
-                else "only the error rate was checked")
         statement = (f"No performance threshold was set (no thresholds in the TFMA config, no "
-                     f"--max-slice-gap): {only}. {checked}. A pass certifies no level of "
-                     "performance.")
+                     f"--max-slice-gap): only {checked[baseline]} were checked. A pass "
+                     "certifies no level of performance.")
     return {"baseline_gates": baseline, "performance_thresholds": thresholds,
             "statement": statement}

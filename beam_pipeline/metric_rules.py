@@ -4,8 +4,9 @@ of best-worst gaps and never gated.
 
 * *undefined*: a ranking metric (AUC, AUC-PR, any ``*auc*``) on a slice that holds one class only
   (no positive or no negative example for the class it ranks). TFMA writes 0 there.
-* *trivial*: precision, recall and accuracy on ``prediction_correct=*`` slices, which are 1 or 0
-  by construction of the slice.
+* *trivial*: quality metrics on ``prediction_correct=*`` slices (precision, recall, accuracy,
+  AUC...): the slice is cut by the model's own decision, so they are 1 or 0 by construction.
+  Counts, label/prediction means and calibration still describe such a slice.
 
 Also ``json_safe``: NaN and ±Infinity become ``None`` so every JSON output is strict JSON.
 """
@@ -13,8 +14,10 @@ import math
 from typing import Dict, Optional
 
 PREDICTION_CORRECT = "prediction_correct"
-# Metrics whose value on prediction_correct=true/false follows from the slice's definition.
-TRIVIAL_ON_PREDICTION_CORRECT = ("precision", "recall", "binary_accuracy", "accuracy")
+# The metrics that still mean something on prediction_correct=true/false; every other metric
+# there follows from the slice's definition (all right, or all wrong).
+DESCRIPTIVE_METRICS = ("example_count", "weighted_example_count", "mean_label", "mean_prediction",
+                       "calibration")
 
 
 def base_name(metric: str) -> str:
@@ -62,10 +65,9 @@ def undefined(metric: str, metrics: Dict[str, object],
 
 
 def trivial(slice_name: str, metric: str) -> bool:
-    """Precision, recall or accuracy on a prediction_correct slice: 1 or 0 by construction."""
+    """A quality metric on a prediction_correct slice: 1 or 0 by construction."""
     column = slice_name.partition("=")[0]
-    return column == PREDICTION_CORRECT and any(
-        base_name(metric).startswith(name) for name in TRIVIAL_ON_PREDICTION_CORRECT)
+    return column == PREDICTION_CORRECT and base_name(metric) not in DESCRIPTIVE_METRICS
 
 
 def why_not_meaningful(slice_name: str, metric: str, metrics: Dict[str, object],

@@ -66,7 +66,9 @@ def test_undefined_and_trivial_metrics_one_rule():
         == "undefined"
     assert metric_rules.meaningful("site=a", "recall", one_class)
     assert metric_rules.why_not_meaningful("prediction_correct=false", "recall", {}) == "trivial"
-    assert metric_rules.meaningful("prediction_correct=false", "auc", {"mean_label": 0.4})
+    assert metric_rules.why_not_meaningful("prediction_correct=true", "auc[classId:1]", {}) \
+        == "trivial"
+    assert metric_rules.meaningful("prediction_correct=false", "mean_label", {})
     assert metric_rules.undefined("auc[classId:2]", {}, labels={"0": 3, "1": 4})
     cleaned = metric_rules.clean_metrics_table({"site=a": one_class})
     assert cleaned["site=a"]["auc"] is None and cleaned["site=a"]["recall"] == 0.9
