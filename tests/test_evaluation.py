@@ -101,7 +101,11 @@ def test_sliced_metrics_agree_with_independent_computation(tmp_path, binary_audi
         by_slice["site=s1"]["auc"]["doubleValue"])
     # No thresholds in the default config: TFMA validates nothing, so nothing fails.
     assert not tfma.load_validation_result(str(out / "tfma")).metric_validations_per_slice
-    assert [g["gate"] for g in run["gates"]] == ["max_error_rate"]
+    # Only the error rate and the default baseline gates, which this working model passes.
+    assert [g["gate"] for g in run["gates"]] == [
+        "max_error_rate", "better_than_chance", "not_degenerate"]
+    assert all(g["passed"] for g in run["gates"])
+    assert run["verdict_scope"]["performance_thresholds"] is False
 
 
 def test_threshold_that_must_fail_gives_exit_3(tmp_path, binary_audit_data):
@@ -122,7 +126,7 @@ def test_threshold_that_must_fail_gives_exit_3(tmp_path, binary_audit_data):
     assert failed and {g["gate"] for g in failed} == {"tfma_threshold"}
     overall = [g for g in failed if g["slice"] == "overall"]
     assert overall[0]["metric"] == "auc" and overall[0]["value"] < 0.999
-    assert "0.999" in overall[0]["bound"]
+    assert overall[0]["bound"] == 0.999 and "below the threshold 0.999" in overall[0]["message"]
     assert run["exit_code"] == 3 and run["status"] == "failed"
 
 
@@ -150,7 +154,9 @@ def test_multiclass_config_on_a_three_class_model(tmp_path, rng):
     model = tmp_path / "three.keras"
     gap_model(num_classes=3).save(model)
     out = tmp_path / "out"
-    assert run_cli("run", "--model", model, "--data", manifest, "--output", out) == 0
+    # A random model: useless, so it runs without the baseline gates to test the config.
+    assert run_cli("run", "--model", model, "--data", manifest, "--output", out,
+                   "--baseline-gates", "off") == 0
     run = json.loads((out / "run.json").read_text())
     assert run["tfma"]["config"] == "tfma_configs/multiclass.pbtxt"
     overall = run["tfma"]["metrics"]["overall"]
