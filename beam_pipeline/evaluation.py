@@ -115,9 +115,20 @@ def complete_eval_config(
         if metrics_spec.HasField("binarize") and metrics_spec.binarize.HasField("class_ids") \
                 and not metrics_spec.binarize.class_ids.values:
             metrics_spec.binarize.class_ids.values.extend(range(num_classes))
+        _add_mean_label(metrics_spec)
     if confidence_intervals:
         done.options.compute_confidence_intervals.value = True
     return done
+
+
+def _add_mean_label(metrics_spec) -> None:
+    """Per slice (and class), the share of positives tells where AUC and recall are undefined
+    (``metric_rules``); a spec computing those gets MeanLabel if it lacks it."""
+    names = {m.class_name for m in metrics_spec.metrics}
+    needs = any("AUC" in n or n == "Recall" for n in names)
+    if needs and "MeanLabel" not in names and not metrics_spec.binarize.top_k_list.values \
+            and not metrics_spec.binarize.k_list.values:
+        metrics_spec.metrics.add(class_name="MeanLabel")
 
 
 # --------------------------------------------------------------------------- rows → TFMA input
@@ -266,10 +277,12 @@ def read_tfma_results(output_path: str) -> Dict[str, Dict[str, object]]:
     return table
 
 
-def threshold_gates(output_path: str, table: Dict[str, Dict[str, object]]) -> List[dict]:
+def threshold_gates(output_path: str, table: Dict[str, Dict[str, object]],
+                    min_slice_size: int = 0) -> List[dict]:
     """TFMA's own threshold checks, one gate record per failure, phrased as a sentence. A failure
-    on a slice where the metric is undefined or trivial (``metric_rules``) is not a failure: it
-    is listed as not applied there."""
+    on a slice where the metric is undefined or trivial (``metric_rules``), or on a slice (not
+    the overall one) of fewer than ``min_slice_size`` examples, is not a failure: it is listed as
+    not applied there."""
     import tensorflow_model_analysis as tfma
     from tensorflow_model_analysis.slicer import slicer_lib
 
@@ -283,6 +296,9 @@ def threshold_gates(output_path: str, table: Dict[str, Dict[str, object]]) -> Li
             value = metric_rules.finite(_proto_value(failure.metric_value))
             kind, bound = _threshold_bound(failure.metric_threshold, value)
             why = metric_rules.why_not_meaningful(name, metric, table.get(name, {}))
+            size = _scalar(table.get(name, {}).get("example_count"))
+            if not why and name != "overall" and size is not None and size < min_slice_size:
+                why = "small"
             gate = {"gate": "tfma_threshold", "passed": why is not None, "slice": name,
                     "metric": metric, "value": value, "bound": bound, "bound_kind": kind}
             if why:
@@ -294,10 +310,19 @@ def threshold_gates(output_path: str, table: Dict[str, Dict[str, object]]) -> Li
     return gates
 
 
+NOT_APPLIED_REASONS = {
+    "undefined": "{metric} is undefined there (the slice holds one class only)",
+    "undefined_recall": "{metric} is undefined there (the slice holds no positive example)",
+    "trivial": "{metric} is trivial there (1 or 0 by the slice's definition)",
+    "small": "the slice is small (fewer examples than --min-slice-size)",
+}
+
+
 def _not_applied(name: str, metric: str, why: str) -> str:
-    reason = ("the slice holds one class only" if why == "undefined"
-              else "it is 1 or 0 by the slice's definition")
-    return f"The {metric} threshold is not applied at {name}: {metric} is {why} there ({reason})."
+    if why == "undefined" and metric_rules.base_name(metric) == "recall":
+        why = "undefined_recall"
+    reason = NOT_APPLIED_REASONS[why].format(metric=metric)
+    return f"The {metric} threshold is not applied at {name}: {reason}."
 
 
 def _threshold_bound(threshold, value: Optional[float]) -> Tuple[str, Optional[float]]:

@@ -410,7 +410,7 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
     tfma_dir = pipeline.output_path(plan.config.output, "tfma")
     with outputs.local_folder(tfma_dir) as readable:
         table = evaluation.read_tfma_results(readable)
-        gates = evaluation.threshold_gates(readable, table)
+        gates = evaluation.threshold_gates(readable, table, req.min_slice_size)
     gates += evaluation.slice_gap_gates(
         table, evaluation.parse_slice_gaps(req.max_slice_gap), plan.config.source.slice_types,
         req.min_slice_size)

@@ -3,7 +3,10 @@
 of best-worst gaps and never gated.
 
 * *undefined*: a ranking metric (AUC, AUC-PR, any ``*auc*``) on a slice that holds one class only
-  (no positive or no negative example for the class it ranks). TFMA writes 0 there.
+  (no positive or no negative example for the class it ranks), and recall on a slice with no
+  positive example. TFMA writes 0 there. The class shares come from the attributions' labels
+  when known, else from TFMA's ``mean_label`` (``mean_label[classId:k]`` per class), which the
+  job adds to every EvalConfig that needs it (``evaluation.complete_eval_config``).
 * *trivial*: quality metrics on ``prediction_correct=*`` slices (precision, recall, accuracy,
   AUC...): the slice is cut by the model's own decision, so they are 1 or 0 by construction.
   Counts, label/prediction means and calibration still describe such a slice.
@@ -29,12 +32,27 @@ def is_ranking(metric: str) -> bool:
     return "auc" in base_name(metric)
 
 
-def positive_class(metric: str) -> int:
-    """The class a ranking metric takes as positive: k for ``...[classId:k]``, else 1."""
+def positive_class(metric: str) -> Optional[int]:
+    """The class a metric takes as positive: k for ``...[classId:k]``, 1 without a sub key,
+    None for other sub keys (top-k)."""
     sub_key = metric.partition("[")[2]
     if sub_key.startswith("classId:"):
         return int(sub_key[len("classId:"):].rstrip("]"))
-    return 1
+    return None if sub_key else 1
+
+
+def _positive_share(metric: str, metrics: Dict[str, object],
+                    labels: Optional[Dict[str, int]]) -> Optional[float]:
+    """The share of the slice's examples in the metric's positive class, if known."""
+    positive = positive_class(metric)
+    if positive is None:
+        return None
+    if labels:
+        if positive == 1 and "[" not in metric and len(labels) > 2:
+            return None  # an aggregate over several classes
+        return labels.get(str(positive), 0) / sum(labels.values())
+    sub_key = metric[metric.index("["):] if "[" in metric else ""
+    return finite(metrics.get(f"mean_label{sub_key}"))
 
 
 def finite(value) -> Optional[float]:
@@ -52,16 +70,16 @@ def finite(value) -> Optional[float]:
 
 def undefined(metric: str, metrics: Dict[str, object],
               labels: Optional[Dict[str, int]] = None) -> bool:
-    """A ranking metric on a slice with one class only. ``labels`` ({class: count}, from the
-    attributions) decides when given; else TFMA's binary ``mean_label`` of the slice does."""
-    if not is_ranking(metric):
+    """A ranking metric on a one-class slice, or recall on a slice without positives.
+    ``labels`` ({class: count}, from the attributions) decides when given; else TFMA's
+    ``mean_label`` of the slice does."""
+    ranking, recall = is_ranking(metric), base_name(metric) == "recall"
+    if not ranking and not recall:
         return False
-    positive = positive_class(metric)
-    if labels:
-        positives = labels.get(str(positive), 0)
-        return positives == 0 or positives == sum(labels.values())
-    mean_label = finite(metrics.get("mean_label"))
-    return mean_label is not None and positive == 1 and mean_label in (0.0, 1.0)
+    share = _positive_share(metric, metrics, labels)
+    if share is None:
+        return False
+    return share == 0.0 or (ranking and share == 1.0)
 
 
 def trivial(slice_name: str, metric: str) -> bool:
