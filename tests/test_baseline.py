@@ -70,6 +70,11 @@ def test_undefined_and_trivial_metrics_one_rule():
         == "trivial"
     assert metric_rules.meaningful("prediction_correct=false", "mean_label", {})
     assert metric_rules.undefined("auc[classId:2]", {}, labels={"0": 3, "1": 4})
+    # Recall without positives is undefined; with positives only it is a real figure.
+    assert metric_rules.undefined("recall", {"mean_label": 0.0})
+    assert not metric_rules.undefined("recall", {"mean_label": 1.0})
+    assert metric_rules.undefined("recall[classId:1]", {"mean_label[classId:1]": 0.0})
+    assert not metric_rules.undefined("recall[topK:3]", {"mean_label": 0.0})
     cleaned = metric_rules.clean_metrics_table({"site=a": one_class})
     assert cleaned["site=a"]["auc"] is None and cleaned["site=a"]["recall"] == 0.9
 

@@ -207,6 +207,8 @@ def test_config_completion():
     assert {("site",), ("prediction_correct",), ("attention_on_mask",)} <= set(keys)
     binarized = [m for m in done.metrics_specs if m.binarize.class_ids.values]
     assert list(binarized[0].binarize.class_ids.values) == [0, 1, 2]
+    # Per class, the share of positives (mean_label[classId:k]) says where AUC is undefined.
+    assert "MeanLabel" in {m.class_name for m in binarized[0].metrics}
     assert done.options.compute_confidence_intervals.value
     bad = config_pb2.EvalConfig()
     bad.slicing_specs.add(feature_keys=["scanner"])
