@@ -1,6 +1,7 @@
 """The report's figures: one streaming pass over the attribution rows (``scan_attributions``,
 per-slice ``SliceStats``), TFMA's sliced metrics with one-class AUCs shown as n/a
-(``metrics_summary``), the verdict from run.json's gates, and the small tables (errors,
+(``metrics_summary``; undefined and trivial metrics by ``metric_rules``), the verdict from
+run.json's gates and verdict_scope, and the small tables (errors,
 localization, layer sweep, importance, faithfulness, sanity). Plain Python, no rendering.
 
 Only the small columns of the attribution files are read (Parquet column projection), batch by
@@ -195,7 +196,7 @@ def _metric_columns(table: Dict[str, dict]) -> List[str]:
 def _slice_row(name: str, metrics: dict, columns: Sequence[str], stats: Dict[str, SliceStats],
                min_slice_size: int = 0):
     """One table row. A metric that means nothing on the slice (``metric_rules``: an AUC on one
-    class, precision/recall on prediction_correct) is None, listed in ``not_applicable`` and
+    class, a quality metric on prediction_correct) is None, listed in ``not_applicable`` and
     named in ``why`` ("undefined" or "trivial"); ``small``: fewer than --min-slice-size examples
     (left out of gaps)."""
     slice_stats = stats.get(name)
@@ -298,8 +299,6 @@ def gate_reason(gate: dict, counts: dict) -> str:
     title = GATE_TITLES.get(gate.get("gate"), gate.get("gate"))
     if gate.get("gate") == "max_slice_gap":
         title = f"Slice gap on {gate['metric']}"
-    if gate.get("gate") == "tfma_threshold":
-        title = f"Threshold on {gate['metric']} at {gate['slice']}"
     message = gate.get("message") or f"{gate.get('metric')} at {gate.get('slice')} is " \
                                       f"{_format(gate.get('value'))} (bound {gate.get('bound')})."
     return f"{title} {state}: {message}"
