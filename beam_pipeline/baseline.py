@@ -10,7 +10,7 @@ Pure functions on arrays of labels and probability vectors (``baseline_gates``);
 those two columns of the written attributions (``read_labels_and_probabilities``).
 """
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import pyarrow as pa

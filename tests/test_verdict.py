@@ -5,7 +5,6 @@ strict JSON with null for undefined metrics."""
 import json
 
 import keras
-import numpy as np
 import pandas as pd
 import pytest
 
