@@ -30,6 +30,25 @@ def _comma_list(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _method_list(text: str) -> List[str]:
+    """--methods: a comma list of known attribution methods; anything else is a usage error
+    (exit 2) with the closest name."""
+    import difflib
+
+    from .attribution_methods import ALL_METHODS
+
+    methods = _comma_list(text)
+    for method in methods:
+        if method not in ALL_METHODS:
+            close = difflib.get_close_matches(method, ALL_METHODS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {method!r}{hint}; choose from {', '.join(ALL_METHODS)}")
+    if not methods:
+        raise argparse.ArgumentTypeError(f"name one or more of {', '.join(ALL_METHODS)}")
+    return methods
+
+
 def _add_beam_help(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
 
@@ -56,7 +75,7 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="names for class indices [folder names / manifest label strings]")
     run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
                      help="pixel scaling the model expects [unit: /255]")
-    run.add_argument("--methods", type=_comma_list, default=["gradcam"],
+    run.add_argument("--methods", type=_method_list, default=["gradcam"],
                      help="comma list of gradcam, gradcam_plus_plus, cam, saliency, smoothgrad, "
                           "integrated_gradients [gradcam]")
     run.add_argument("--map-size", type=int, default=56,
@@ -89,7 +108,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="TFMA confidence intervals (Poisson bootstrap) for every metric")
     run.add_argument("--max-slice-gap", default=None,
                      help="fairness gate, e.g. auc=0.05,binary_accuracy=0.1: fail (exit 3) when the "
-                          "best and worst slice of a slice column differ by more")
+                          "best and worst slice of a slice column differ by more; METRIC is a "
+                          "name the TFMA config computes")
+    run.add_argument("--min-slice-size", type=int, default=30,
+                     help="slices with fewer examples are left out of --max-slice-gap gaps and "
+                          "marked small in the report [30]")
+    run.add_argument("--baseline-gates", choices=("on", "off"), default="on",
+                     help="default gates on labeled data: better than chance, not degenerate "
+                          "(fail: exit 3) [on]")
     run.add_argument("--faithfulness-sample", type=int, default=256,
                      help="about this many seeded examples get deletion/insertion AUCs per method "
                           "(0: off) [256]")
@@ -134,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pooling", choices=("max", "average"), default="max",
                       help="the demo model's global pooling: max (sharp Grad-CAM) or average (the "
                            "head original CAM needs; trains ~2x longer) [max]")
-    demo.add_argument("--methods", type=_comma_list, default=["gradcam"],
+    demo.add_argument("--methods", type=_method_list, default=["gradcam"],
                       help="attribution methods of the demo audit, as for run [gradcam]")
     demo.add_argument("--layer", default="auto", help="layer(s) of the demo audit, as for run [auto]")
     _add_beam_help(demo)
@@ -206,6 +232,7 @@ def _request_from_args(args) -> "AuditRequest":
         unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
         max_image_pixels=args.max_image_pixels, tfma_config=args.tfma_config,
         confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
+        min_slice_size=args.min_slice_size, baseline_gates=args.baseline_gates == "on",
         permutation_features=args.permutation_features, map_size=args.map_size,
         gradcam_activation=args.gradcam_activation, smoothgrad_samples=args.smoothgrad_samples,
         smoothgrad_sigma=args.smoothgrad_sigma, ig_steps=args.ig_steps,
@@ -241,6 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         methods=args.methods, layer=args.layer)
     except AuditError as exc:
         message = textwrap.fill(str(exc), width=100)
+        if exc.exit_code == 2:  # a usage error, reported the way argparse reports its own
+            print(f"usage: xai-audit {args.command} [options] (xai-audit {args.command} --help)",
+                  file=sys.stderr)
         print(f"xai-audit: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -27,6 +27,13 @@ class OptionError(AuditError):
     """An option value that cannot be honoured (e.g. a layer the model lacks)."""
 
 
+class UsageError(AuditError):
+    """A malformed command line found only once the options are read together (e.g. a gate on a
+    metric the TFMA config does not compute): exit 2, like argparse's own usage errors."""
+
+    exit_code = 2
+
+
 class ExampleError(Exception):
     """One example failed at ``stage`` (read, decode, label, predict, explain) for ``error_type``."""
 

@@ -18,7 +18,8 @@ import apache_beam as beam
 import pyarrow as pa
 from google.protobuf import text_format
 
-from .errors import AuditError, OptionError
+from . import metric_rules
+from .errors import AuditError, OptionError, UsageError
 
 LABEL, SCORE, PROBABILITIES = "label", "score", "probabilities"
 PREDICTION_CORRECT = "prediction_correct"
@@ -114,9 +115,20 @@ def complete_eval_config(
         if metrics_spec.HasField("binarize") and metrics_spec.binarize.HasField("class_ids") \
                 and not metrics_spec.binarize.class_ids.values:
             metrics_spec.binarize.class_ids.values.extend(range(num_classes))
+        _add_mean_label(metrics_spec)
     if confidence_intervals:
         done.options.compute_confidence_intervals.value = True
     return done
+
+
+def _add_mean_label(metrics_spec) -> None:
+    """Per slice (and class), the share of positives tells where AUC and recall are undefined
+    (``metric_rules``); a spec computing those gets MeanLabel if it lacks it."""
+    names = {m.class_name for m in metrics_spec.metrics}
+    needs = any("AUC" in n or n == "Recall" for n in names)
+    if needs and "MeanLabel" not in names and not metrics_spec.binarize.top_k_list.values \
+            and not metrics_spec.binarize.k_list.values:
+        metrics_spec.metrics.add(class_name="MeanLabel")
 
 
 # --------------------------------------------------------------------------- rows → TFMA input
@@ -222,12 +234,14 @@ def slice_name(slice_key: Tuple) -> str:
 
 
 def _metric_value(value: dict):
+    """A number (None for TFMA's "NaN"), or {value, ci_low, ci_high} with confidence intervals."""
     if "boundedValue" in value:
         bounded = value["boundedValue"]
-        return {"value": bounded.get("value"), "ci_low": bounded.get("lowerBound"),
-                "ci_high": bounded.get("upperBound")}
+        return {"value": metric_rules.finite(bounded.get("value")),
+                "ci_low": metric_rules.finite(bounded.get("lowerBound")),
+                "ci_high": metric_rules.finite(bounded.get("upperBound"))}
     if "doubleValue" in value:
-        return value["doubleValue"]
+        return metric_rules.finite(value["doubleValue"])
     return None
 
 
@@ -248,9 +262,9 @@ def read_tfma_results(output_path: str) -> Dict[str, Dict[str, object]]:
         for output_name, by_sub_key in outputs.items():
             for sub_key, values in by_sub_key.items():
                 for metric, value in values.items():
+                    if "boundedValue" not in value and "doubleValue" not in value:
+                        continue  # plots and other non-scalar outputs
                     scalar = _metric_value(value)
-                    if scalar is None:
-                        continue
                     name = metric if not sub_key else f"{metric}[{sub_key}]"
                     metrics[name if not output_name else f"{output_name}/{name}"] = scalar
         if metrics:
@@ -263,8 +277,12 @@ def read_tfma_results(output_path: str) -> Dict[str, Dict[str, object]]:
     return table
 
 
-def threshold_gates(output_path: str) -> List[dict]:
-    """TFMA's own threshold checks, one gate record per failure."""
+def threshold_gates(output_path: str, table: Dict[str, Dict[str, object]],
+                    min_slice_size: int = 0) -> List[dict]:
+    """TFMA's own threshold checks, one gate record per failure, phrased as a sentence. A failure
+    on a slice where the metric is undefined or trivial (``metric_rules``), or on a slice (not
+    the overall one) of fewer than ``min_slice_size`` examples, is not a failure: it is listed as
+    not applied there."""
     import tensorflow_model_analysis as tfma
     from tensorflow_model_analysis.slicer import slicer_lib
 
@@ -275,19 +293,65 @@ def threshold_gates(output_path: str) -> List[dict]:
         for failure in per_slice.failures:
             key = failure.metric_key
             metric = key.name + (f"[{_sub_key_text(key.sub_key)}]" if key.HasField("sub_key") else "")
-            gates.append({
-                "gate": "tfma_threshold",
-                "passed": False,
-                "slice": name,
-                "metric": metric,
-                "value": _proto_value(failure.metric_value),
-                "bound": text_format.MessageToString(failure.metric_threshold, as_one_line=True),
-                "message": failure.message,
-            })
+            value = metric_rules.finite(_proto_value(failure.metric_value))
+            kind, bound = _threshold_bound(failure.metric_threshold, value)
+            why = metric_rules.why_not_meaningful(name, metric, table.get(name, {}))
+            size = _scalar(table.get(name, {}).get("example_count"))
+            if not why and name != "overall" and size is not None and size < min_slice_size:
+                why = "small"
+            gate = {"gate": "tfma_threshold", "passed": why is not None, "slice": name,
+                    "metric": metric, "value": value, "bound": bound, "bound_kind": kind}
+            if why:
+                gate.update(applied=False, value=None, message=_not_applied(name, metric, why))
+            else:
+                gate["message"] = _threshold_sentence(name, metric, value, kind, bound,
+                                                      failure.message)
+            gates.append(gate)
     return gates
 
 
+NOT_APPLIED_REASONS = {
+    "undefined": "{metric} is undefined there (the slice holds one class only)",
+    "undefined_recall": "{metric} is undefined there (the slice holds no positive example)",
+    "trivial": "{metric} is trivial there (1 or 0 by the slice's definition)",
+    "small": "the slice is small (fewer examples than --min-slice-size)",
+}
+
+
+def _not_applied(name: str, metric: str, why: str) -> str:
+    if why == "undefined" and metric_rules.base_name(metric) == "recall":
+        why = "undefined_recall"
+    reason = NOT_APPLIED_REASONS[why].format(metric=metric)
+    return f"The {metric} threshold is not applied at {name}: {reason}."
+
+
+def _threshold_bound(threshold, value: Optional[float]) -> Tuple[str, Optional[float]]:
+    """("lower"|"upper"|"change", the bound crossed) of a failed MetricThreshold."""
+    bounds = threshold.value_threshold
+    lower = bounds.lower_bound.value if bounds.HasField("lower_bound") else None
+    upper = bounds.upper_bound.value if bounds.HasField("upper_bound") else None
+    if lower is not None and (value is None or value < lower or upper is None):
+        return "lower", lower
+    if upper is not None:
+        return "upper", upper
+    return "change", None
+
+
+def _threshold_sentence(name, metric, value, kind, bound, tfma_message) -> str:
+    """"auc at site=site_c is 0.91, below the threshold 0.95"."""
+    shown = "undefined" if value is None else f"{value:.4g}"
+    if kind == "lower":
+        return f"{metric} at {name} is {shown}, below the threshold {bound:g}."
+    if kind == "upper":
+        return f"{metric} at {name} is {shown}, above the threshold {bound:g}."
+    return f"{metric} at {name} is {shown} and fails its change threshold ({tfma_message})."
+
+
 def _sub_key_text(sub_key) -> str:
+    """TFMA's own spelling of a sub key, as in the metrics table: classId:1, topK:3, k:2."""
+    for field, label in (("class_id", "classId"), ("top_k", "topK"), ("k", "k")):
+        if sub_key.HasField(field):
+            return f"{label}:{getattr(sub_key, field).value}"
     return text_format.MessageToString(sub_key, as_one_line=True)
 
 
@@ -297,7 +361,83 @@ def _proto_value(value):
         return value.double_value.value
     if which == "bounded_value":
         return value.bounded_value.value.value
-    return text_format.MessageToString(value, as_one_line=True)
+    return None
+
+
+def has_thresholds(config) -> bool:
+    """Whether the EvalConfig sets any threshold (TFMA validates only then)."""
+    for spec in config.metrics_specs:
+        if spec.thresholds or spec.per_slice_thresholds or spec.cross_slice_thresholds:
+            return True
+        for metric in spec.metrics:
+            if metric.HasField("threshold") or metric.per_slice_thresholds \
+                    or metric.cross_slice_thresholds:
+                return True
+    return False
+
+
+def _metric_name(metric_config) -> Optional[str]:
+    """The name TFMA gives a metrics_specs entry: its config's "name", else the name of an
+    instance of the tfma.metrics class, else the class name in snake case."""
+    import json
+    import re
+
+    import tensorflow_model_analysis as tfma
+
+    if metric_config.config:
+        for text in (metric_config.config, "{" + metric_config.config + "}"):
+            try:
+                options = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(options, dict) and options.get("name"):
+                return str(options["name"])
+    metric_class = getattr(tfma.metrics, metric_config.class_name, None)
+    if metric_class is not None and not metric_config.module:
+        try:
+            return metric_class().name
+        except Exception:  # a class needing arguments: fall through to its snake-case name
+            pass
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", metric_config.class_name).lower()
+
+
+def _sub_keys(spec) -> List[str]:
+    keys = [""] if not spec.HasField("binarize") or spec.HasField("aggregate") else []
+    if spec.HasField("binarize"):
+        keys += [f"classId:{k}" for k in spec.binarize.class_ids.values]
+        keys += [f"topK:{k}" for k in spec.binarize.top_k_list.values]
+        keys += [f"k:{k}" for k in spec.binarize.k_list.values]
+    return keys
+
+
+def computed_metric_names(config) -> List[str]:
+    """The scalar metric names a (completed) EvalConfig makes TFMA compute, as they appear in
+    run.json's tfma.metrics (``auc``, ``auc[classId:1]``, ``precision[topK:1]``); no plots."""
+    names: List[str] = []
+    for spec in config.metrics_specs:
+        for metric_config in spec.metrics:
+            name = _metric_name(metric_config)
+            if not name or name.endswith("_plot"):
+                continue
+            for sub_key in _sub_keys(spec):
+                full = f"{name}[{sub_key}]" if sub_key else name
+                if full not in names:
+                    names.append(full)
+    return names
+
+
+def check_gap_metrics(gaps: Dict[str, float], names: Sequence[str], origin: str) -> None:
+    """A --max-slice-gap metric the config does not compute is a usage error (exit 2)."""
+    import difflib
+
+    for metric in gaps:
+        if metric in names:
+            continue
+        close = difflib.get_close_matches(metric, names, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise UsageError(
+            f"--max-slice-gap {metric}: the TFMA config {origin} computes no metric of that "
+            f"name, so no gate would be set.{hint} Metrics it computes: {', '.join(names)}.")
 
 
 def parse_slice_gaps(text: Optional[str]) -> Dict[str, float]:
@@ -317,45 +457,41 @@ def parse_slice_gaps(text: Optional[str]) -> Dict[str, float]:
 
 
 def _scalar(value) -> Optional[float]:
-    if isinstance(value, dict):
-        value = value.get("value")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return float(value)
-
-
-def one_class_slice(metrics: Dict[str, object]) -> bool:
-    """A slice whose labels are all one class (binary ``mean_label`` 0 or 1): ranking metrics
-    (AUC, AUC-PR) are undefined there, although TFMA reports them as 0."""
-    mean_label = _scalar(metrics.get("mean_label"))
-    return mean_label is not None and mean_label in (0.0, 1.0)
+    return metric_rules.finite(value)
 
 
 def slice_gap_gates(
-    table: Dict[str, Dict[str, object]], gaps: Dict[str, float], slice_columns: Iterable[str]
+    table: Dict[str, Dict[str, object]], gaps: Dict[str, float], slice_columns: Iterable[str],
+    min_slice_size: int = 0,
 ) -> List[dict]:
     """For each slice column and metric: best minus worst slice value against the bound.
-    Slices where the metric is undefined (AUCs of a one-class slice) are left out of its gap."""
+    Slices where the metric means nothing (``metric_rules``) or with fewer than
+    ``min_slice_size`` examples (TFMA's example_count) are left out of its gap."""
     gates = []
     for column in slice_columns:
         prefix = f"{column}="
-        slices = {name: m for name, m in table.items() if name.startswith(prefix) and "," not in name}
+        slices = {name: m for name, m in table.items() if name.startswith(prefix) and "," not in name
+                  and (_scalar(m.get("example_count")) or 0) >= min_slice_size}
         for metric, bound in gaps.items():
             values = {n: _scalar(m.get(metric)) for n, m in slices.items()
-                      if not ("auc" in metric and one_class_slice(m))}
+                      if metric_rules.meaningful(n, metric, m)}
             values = {n: v for n, v in values.items() if v is not None}
             if len(values) < 2:
                 continue
-            best, worst = max(values, key=values.get), min(values, key=values.get)
-            gap = values[best] - values[worst]
-            gates.append({
-                "gate": "max_slice_gap",
-                "passed": gap <= bound,
-                "slice": f"{worst} vs {best}",
-                "metric": metric,
-                "value": gap,
-                "bound": bound,
-                "message": f"{metric} is {values[worst]:.4f} at {worst} and {values[best]:.4f} at "
-                           f"{best}: a gap of {gap:.4f} (allowed {bound}).",
-            })
+            gates.append(_gap_gate(metric, bound, values))
     return gates
+
+
+def _gap_gate(metric: str, bound: float, values: Dict[str, float]) -> dict:
+    # Ties broken by name, so the best and the worst are two different slices.
+    ordered = sorted(values, key=lambda n: (values[n], n))
+    worst, best = ordered[0], ordered[-1]
+    gap = values[best] - values[worst]
+    if gap == 0:
+        message = (f"{metric} is {values[worst]:.4f} at all {len(values)} slices "
+                   f"({', '.join(ordered)}): no gap (allowed {bound}).")
+    else:
+        message = (f"{metric} is {values[worst]:.4f} at {worst} and {values[best]:.4f} at "
+                   f"{best}: a gap of {gap:.4f} (allowed {bound}).")
+    return {"gate": "max_slice_gap", "passed": gap <= bound, "slice": f"{worst} vs {best}",
+            "metric": metric, "value": gap, "bound": bound, "message": message}

@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, decode, evaluation, importance, layer_sweep, model_io,
-               outputs, pipeline, quality, runinfo, sources)
+from . import (attribution_methods, baseline, decode, evaluation, importance, layer_sweep,
+               metric_rules, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
-from .errors import OptionError
+from .errors import OptionError, UsageError
 
 LOG = logging.getLogger("xai_audit")
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
@@ -68,6 +68,8 @@ class AuditRequest:
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
     confidence_intervals: bool = False
     max_slice_gap: Optional[str] = None  # e.g. "auc=0.05,binary_accuracy=0.1"
+    min_slice_size: int = 30  # slices with fewer examples are left out of slice gaps
+    baseline_gates: bool = True  # better than chance, not degenerate (labeled data)
     permutation_features: str = "patches:4x4"
     permutation_repeats: int = 3
     shard_size: int = 256
@@ -84,6 +86,7 @@ class Plan:
     tfma_config_origin: Optional[str] = None
     tfma_skipped_because: Optional[str] = None
     importance_skipped_because: Optional[str] = None
+    performance_thresholds: bool = False  # the TFMA config has thresholds, or --max-slice-gap
 
 
 def _check_options(req: AuditRequest) -> None:
@@ -107,6 +110,8 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError("--max-error-rate is a fraction between 0 and 1.")
     if req.max_image_pixels < 1:
         raise OptionError("--max-image-pixels must be positive.")
+    if req.min_slice_size < 0:
+        raise OptionError("--min-slice-size must be 0 or more.")
 
 
 def _class_names(req: AuditRequest, spec: sources.SourceSpec, num_classes: int) -> List[str]:
@@ -256,9 +261,12 @@ def _plan_importance(req: AuditRequest, plan: Plan) -> None:
 
 def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
     """Choose and complete the TFMA config, or record why TFMA is skipped."""
-    evaluation.parse_slice_gaps(req.max_slice_gap)  # a malformed gap is a usage problem: fail now
+    gaps = evaluation.parse_slice_gaps(req.max_slice_gap)  # malformed: a usage problem, now
     spec = plan.config.source
     if req.tfma_config == "none":
+        if gaps:
+            raise UsageError("--max-slice-gap gates TFMA's metrics; it cannot be used with "
+                             "--tfma-config none.")
         plan.tfma_skipped_because = "--tfma-config none"
         return
     if not spec.labeled:
@@ -275,6 +283,9 @@ def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
         req.confidence_intervals,
     )
     plan.tfma_config_origin = origin
+    evaluation.check_gap_metrics(
+        gaps, evaluation.computed_metric_names(plan.config.eval_config), origin)
+    plan.performance_thresholds = bool(gaps) or evaluation.has_thresholds(config)
 
 
 def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
@@ -407,14 +418,15 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
     tfma_dir = pipeline.output_path(plan.config.output, "tfma")
     with outputs.local_folder(tfma_dir) as readable:
         table = evaluation.read_tfma_results(readable)
-        gates = evaluation.threshold_gates(readable)
+        gates = evaluation.threshold_gates(readable, table, req.min_slice_size)
     gates += evaluation.slice_gap_gates(
-        table, evaluation.parse_slice_gaps(req.max_slice_gap), plan.config.source.slice_types)
+        table, evaluation.parse_slice_gaps(req.max_slice_gap), plan.config.source.slice_types,
+        req.min_slice_size)
     summary = {
         "output": tfma_dir,
         "config": plan.tfma_config_origin,
         "confidence_intervals": req.confidence_intervals,
-        "metrics": table,
+        "metrics": metric_rules.clean_metrics_table(table),  # undefined AUCs: null, not 0
     }
     return summary, gates
 
@@ -461,6 +473,14 @@ def _importance_summary(plan: Plan) -> dict:
         "shard_size": cfg.shard_size,
         "figures": rows,
     }
+
+
+def _baseline_gates(req: AuditRequest, plan: Plan) -> List[dict]:
+    """The default gates, from the labels and probabilities of the written attributions."""
+    if not req.baseline_gates or not plan.config.source.labeled:
+        return []
+    folder = pipeline.output_path(plan.config.output, "attributions")
+    return baseline.baseline_gates(*baseline.read_labels_and_probabilities(folder))
 
 
 def _exit_code(gates: List[dict]) -> int:
@@ -539,7 +559,9 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         evaluation_error = exc
         tfma_summary, tfma_gates = {"error": str(exc)}, []
     plan.timings["read_tfma_s"] = time.perf_counter() - start
-    gates = [error_gate, *tfma_gates]
+    start = time.perf_counter()
+    gates = [error_gate, *_baseline_gates(req, plan), *tfma_gates]
+    plan.timings["baseline_gates_s"] = time.perf_counter() - start
     exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
     payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
     payload["run_id"] = run_id
@@ -621,6 +643,8 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "importance": _importance_summary(plan),
         "quality": _quality_summary(plan),
         "gates": gates,
+        "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,
+                                                plan.performance_thresholds),
     }
 
 
@@ -642,9 +666,7 @@ def _log_summary(payload: dict, output: str) -> None:
         )
     for gate in payload["gates"]:
         if not gate["passed"] and gate["gate"] != "max_error_rate":
-            value = gate["value"]
-            LOG.error("Gate failed: %s %s at %s = %s (bound %s)", gate["gate"], gate["metric"],
-                      gate["slice"], f"{value:.4f}" if isinstance(value, float) else value,
-                      gate["bound"])
+            LOG.error("Gate %s failed: %s", gate["gate"], gate["message"])
+    LOG.info("Verdict scope: %s", payload["verdict_scope"]["statement"])
     if not counts["accounting_ok"]:
         LOG.warning("Accounting mismatch: examples in != audited + failed. See run.json counts.")

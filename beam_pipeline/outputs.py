@@ -210,8 +210,11 @@ def write_bytes_atomic(path: str, data: bytes, mime_type: str = "application/oct
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str).encode(),
-                       "application/json")
+    """Strict JSON: NaN and ±Infinity are written as null (``metric_rules.json_safe``)."""
+    from .metric_rules import json_safe
+
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=False, default=str, allow_nan=False)
+    write_bytes_atomic(path, text.encode(), "application/json")
 
 
 @contextlib.contextmanager

@@ -90,7 +90,9 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
         "accounting": figures.accounting(run, output),
         "metrics": figures.metrics_summary(run.get("tfma") or {},
                                            list(data.get("slice_columns") or []),
-                                           bool(data.get("has_masks")), stats),
+                                           bool(data.get("has_masks")), stats,
+                                           int((run.get("options") or {}).get("min_slice_size")
+                                               or 0)),
     }
     summary["verdict"] = figures.verdict(run, summary["metrics"])
     summary["skipped_slice_columns"] = {

@@ -1,6 +1,7 @@
 """The report's figures: one streaming pass over the attribution rows (``scan_attributions``,
 per-slice ``SliceStats``), TFMA's sliced metrics with one-class AUCs shown as n/a
-(``metrics_summary``), the verdict from run.json's gates, and the small tables (errors,
+(``metrics_summary``; undefined and trivial metrics by ``metric_rules``), the verdict from
+run.json's gates and verdict_scope, and the small tables (errors,
 localization, layer sweep, importance, faithfulness, sanity). Plain Python, no rendering.
 
 Only the small columns of the attribution files are read (Parquet column projection), batch by
@@ -12,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from . import evaluation, importance, quality, runinfo
+from . import evaluation, importance, metric_rules, quality, runinfo
 
 MAX_METRIC_COLUMNS = 10
 MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
@@ -196,44 +197,28 @@ def _metric_columns(table: Dict[str, dict]) -> List[str]:
     return ordered[:MAX_METRIC_COLUMNS]
 
 
-def _auc_positive_class(metric: str) -> Optional[int]:
-    """The class an AUC metric ranks as positive: 1 for "auc", k for "auc[classId:k]"."""
-    base, _, sub_key = metric.partition("[")
-    if not base.endswith("auc"):
-        return None
-    if sub_key.startswith("classId:"):
-        return int(sub_key[len("classId:"):].rstrip("]"))
-    return 1
-
-
-def _one_class(metric: str, labels: Optional[Dict[str, int]], mean_label) -> bool:
-    """An AUC that is undefined on this slice: all of its examples are positive, or none is.
-    TFMA writes 0 there; the report shows n/a. Labels per slice come from the attributions,
-    else from TFMA's mean label (binary)."""
-    positive = _auc_positive_class(metric)
-    if positive is None:
-        return False
-    if labels:
-        positives = labels.get(str(positive), 0)
-        return positives == 0 or positives == sum(labels.values())
-    mean = as_number(mean_label.get("value") if isinstance(mean_label, dict) else mean_label)
-    return mean is not None and positive == 1 and mean in (0.0, 1.0)
-
-
-def _slice_row(name: str, metrics: dict, columns: Sequence[str], stats: Dict[str, SliceStats]):
+def _slice_row(name: str, metrics: dict, columns: Sequence[str], stats: Dict[str, SliceStats],
+               min_slice_size: int = 0):
+    """One table row. A metric that means nothing on the slice (``metric_rules``: an AUC on one
+    class, a quality metric on prediction_correct) is None, listed in ``not_applicable`` and
+    named in ``why`` ("undefined" or "trivial"); ``small``: fewer than --min-slice-size examples
+    (left out of gaps)."""
     slice_stats = stats.get(name)
     labels = {str(k): v for k, v in slice_stats.labels.items()} if slice_stats else None
-    cells, not_applicable = {}, []
+    cells, not_applicable, why = {}, [], {}
     for metric in columns:
-        if _one_class(metric, labels, metrics.get("mean_label")):
+        reason = metric_rules.why_not_meaningful(name, metric, metrics, labels)
+        if reason and metric != "example_count":
             cells[metric] = None
             not_applicable.append(metric)
+            why[metric] = reason
         else:
             cells[metric] = _metric_cell(metrics.get(metric))
     column, _, value = name.partition("=")
+    n = slice_stats.n if slice_stats else as_number(metrics.get("example_count"))
     return {"slice": name, "column": column if value else None, "value": value or None,
-            "n": slice_stats.n if slice_stats else as_number(metrics.get("example_count")),
-            "metrics": cells, "not_applicable": not_applicable}
+            "n": n, "small": bool(value) and n is not None and n < min_slice_size,
+            "metrics": cells, "not_applicable": not_applicable, "why": why}
 
 
 def _value(row: dict, metric: str) -> Optional[float]:
@@ -247,7 +232,8 @@ def _gaps(rows: Sequence[dict], columns: Sequence[str]) -> Dict[str, dict]:
     for metric in columns:
         if metric in NO_GAP_METRICS:
             continue
-        values = [(_value(r, metric), r["slice"]) for r in rows if _value(r, metric) is not None]
+        values = [(_value(r, metric), r["slice"]) for r in rows
+                  if _value(r, metric) is not None and not r["small"]]
         if len(values) >= 2:
             (low, worst), (high, best) = min(values), max(values)
             gaps[metric] = {"worst": worst, "worst_value": low, "best": best, "best_value": high,
@@ -256,18 +242,21 @@ def _gaps(rows: Sequence[dict], columns: Sequence[str]) -> Dict[str, dict]:
 
 
 def metrics_summary(tfma: dict, slice_columns: Sequence[str], has_masks: bool,
-                    stats: Dict[str, SliceStats]) -> Optional[dict]:
-    """Overall and per-slice TFMA figures, worst slice first, with best-worst gaps."""
+                    stats: Dict[str, SliceStats], min_slice_size: int = 0) -> Optional[dict]:
+    """Overall and per-slice TFMA figures, worst slice first, with best-worst gaps (slices
+    below ``min_slice_size`` examples are marked small and left out of gaps, as in the gates)."""
     table = tfma.get("metrics") or {}
     if not table:
         return None
     columns = _metric_columns(table)
     primary = next((m for m in PRIMARY_METRICS if m in columns),
                    next((m for m in columns if m != "example_count"), None))
-    shown = list(slice_columns) + ([evaluation.ATTENTION_ON_MASK] if has_masks else [])
+    shown = list(slice_columns) + [evaluation.PREDICTION_CORRECT] + (
+        [evaluation.ATTENTION_ON_MASK] if has_masks else [])
     by_column = []
     for column in shown:
-        rows = [_slice_row(name, metrics, columns, stats) for name, metrics in table.items()
+        rows = [_slice_row(name, metrics, columns, stats, min_slice_size)
+                for name, metrics in table.items()
                 if name.startswith(f"{column}=") and "," not in name]
         if not rows:
             continue
@@ -283,6 +272,7 @@ def metrics_summary(tfma: dict, slice_columns: Sequence[str], has_masks: bool,
         "columns": columns,
         "primary": primary,
         "confidence_intervals": bool(tfma.get("confidence_intervals")),
+        "min_slice_size": min_slice_size,
         "overall": _slice_row("overall", overall, columns, stats) if overall else None,
         "by_column": by_column,
         "all_metrics_in": "run.json: tfma.metrics",
@@ -298,51 +288,45 @@ def _format(value) -> str:
     return str(value)
 
 
+GATE_TITLES = {"better_than_chance": "Better than chance (default gate)",
+               "not_degenerate": "Not degenerate (default gate)",
+               "max_slice_gap": "Slice gap", "tfma_threshold": "Threshold"}
+
+
 def gate_reason(gate: dict, counts: dict) -> str:
-    """One sentence per gate, for the verdict."""
+    """One sentence per gate, for the verdict: the gate's own message, with numbers."""
     state = "passed" if gate.get("passed") else "failed"
     if gate.get("gate") == "max_error_rate":
         return (f"Error rate {state}: {counts.get('examples_failed', 0)} of "
                 f"{counts.get('examples_in', 0)} examples could not be audited "
                 f"({100 * (gate.get('value') or 0):.2f}%; allowed {100 * gate['bound']:.2f}%).")
+    title = GATE_TITLES.get(gate.get("gate"), gate.get("gate"))
     if gate.get("gate") == "max_slice_gap":
-        return f"Slice gap on {gate['metric']} {state}: {gate.get('message', '')}"
-    if gate.get("gate") == "tfma_threshold":
-        return (f"TFMA threshold on {gate['metric']} at {gate['slice']} {state}: value "
-                f"{_format(gate.get('value'))} against {gate.get('bound')}.")
-    return f"{gate.get('gate')} {state} ({gate.get('metric')} at {gate.get('slice')})."
+        title = f"Slice gap on {gate['metric']}"
+    message = gate.get("message") or f"{gate.get('metric')} at {gate.get('slice')} is " \
+                                      f"{_format(gate.get('value'))} (bound {gate.get('bound')})."
+    return f"{title} {state}: {message}"
 
 
 def verdict(run: dict, metrics: Optional[dict]) -> dict:
+    """Failed and passed gates as sentences, gates not applied (undefined or trivial metrics),
+    and what the verdict certifies (run.json verdict_scope)."""
     gates = run.get("gates") or []
     counts = run.get("counts") or {}
-    failed = [gate_reason(g, counts) for g in gates if not g.get("passed")]
-    passed = [gate_reason(g, counts) for g in gates if g.get("passed")]
+    applied = [g for g in gates if g.get("applied", True)]
+    failed = [gate_reason(g, counts) for g in applied if not g.get("passed")]
+    passed = [gate_reason(g, counts) for g in applied if g.get("passed")]
+    not_applied = [g.get("message", "") for g in gates if not g.get("applied", True)]
     if (run.get("tfma") or {}).get("error"):
         failed.insert(0, f"The sliced evaluation failed: {run['tfma']['error']}")
-    caveats = _gap_gate_caveats(gates, metrics)
-    if counts.get("examples_unlabeled") and (run.get("data") or {}).get("labeled"):
-        caveats.insert(0, runinfo.unlabeled_sentence(counts))
-    status = run.get("status") or ("passed" if not failed else "failed")
-    return {"status": status, "exit_code": run.get("exit_code"), "failed": failed,
-            "passed": passed, "caveats": caveats, "gates": gates}
-
-
-def _gap_gate_caveats(gates: Sequence[dict], metrics: Optional[dict]) -> List[str]:
-    """A gap gate that compared an AUC TFMA set to 0 on a one-class slice says so."""
-    if not metrics:
-        return []
-    undefined = {(row["slice"], m) for group in metrics["by_column"] for row in group["slices"]
-                 for m in row["not_applicable"]}
     caveats = []
-    for gate in gates:
-        if gate.get("gate") != "max_slice_gap":
-            continue
-        for name in str(gate.get("slice", "")).split(" vs "):
-            if (name, gate.get("metric")) in undefined:
-                caveats.append(f"{name} has one class only, so its {gate['metric']} is undefined; "
-                               "TFMA reports 0 there and the slice-gap gate compared that 0.")
-    return caveats
+    if counts.get("examples_unlabeled") and (run.get("data") or {}).get("labeled"):
+        caveats.append(runinfo.unlabeled_sentence(counts))
+    status = run.get("status") or ("passed" if not failed else "failed")
+    scope = (run.get("verdict_scope") or {}).get("statement")
+    return {"status": status, "exit_code": run.get("exit_code"), "failed": failed,
+            "passed": passed, "caveats": caveats, "not_applied": not_applied, "scope": scope,
+            "gates": gates}
 
 
 # --------------------------------------------------------------------------- other sections

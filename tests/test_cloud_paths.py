@@ -66,7 +66,7 @@ def test_model_data_masks_and_output_all_on_an_object_store_scheme(
     code = cli.main(["run", "--model", f"{bucket}/in/model.keras",
                      "--data", f"{bucket}/in/data/manifest.csv", "--output", output,
                      "--batch-size", "5", "--permutation-features", "patches:2x2",
-                     "--permutation-repeats", "1"])
+                     "--permutation-repeats", "1", "--baseline-gates", "off"])  # random model
     assert code == 0
 
     attributions = read_parquet_folder(f"{output}/attributions")
@@ -94,7 +94,7 @@ def test_model_data_masks_and_output_all_on_an_object_store_scheme(
     # The folder now holds a run: refused without --overwrite, replaced with it.
     again = ["run", "--model", f"{bucket}/in/model.keras", "--data",
              f"{bucket}/in/data/manifest.csv", "--output", output, "--tfma-config", "none",
-             "--permutation-features", "none"]
+             "--permutation-features", "none", "--baseline-gates", "off"]
     assert cli.main(again) == 1
     assert cli.main(again + ["--overwrite"]) == 0
     assert not FileSystems.match([f"{output}/tfma/**"])[0].metadata_list  # the old run's TFMA

@@ -174,7 +174,7 @@ def test_cli_dry_run_exits_0_and_touches_nothing_at_the_output(
     fresh = tmp_path / "fresh"
     argv = ["run", "--model", saved_model, "--data", manifest, *DATAFLOW_ARGS, "--dry_run",
             "--no_auth"]
-    assert cli.main([*argv, "--output", str(fresh)]) == 0
+    assert cli.main([*argv, "--baseline-gates", "off", "--output", str(fresh)]) == 0
     assert not fresh.exists()
     assert any("Dry run" in line and "bytes" in line for line in xai_log), xai_log
 
@@ -186,7 +186,7 @@ def test_cli_dry_run_exits_0_and_touches_nothing_at_the_output(
     (earlier / "attributions" / "part-00000-of-00001.parquet").write_bytes(b"old rows")
     (earlier / "notes.txt").write_text("mine")
     before = _snapshot(earlier)
-    assert cli.main([*argv, "--output", str(earlier)]) == 0
+    assert cli.main([*argv, "--baseline-gates", "off", "--output", str(earlier)]) == 0
     assert _snapshot(earlier) == before
     assert any("would refuse" in line for line in xai_log)
     assert no_network == []

@@ -101,7 +101,11 @@ def test_sliced_metrics_agree_with_independent_computation(tmp_path, binary_audi
         by_slice["site=s1"]["auc"]["doubleValue"])
     # No thresholds in the default config: TFMA validates nothing, so nothing fails.
     assert not tfma.load_validation_result(str(out / "tfma")).metric_validations_per_slice
-    assert [g["gate"] for g in run["gates"]] == ["max_error_rate"]
+    # Only the error rate and the default baseline gates, which this working model passes.
+    assert [g["gate"] for g in run["gates"]] == [
+        "max_error_rate", "better_than_chance", "not_degenerate"]
+    assert all(g["passed"] for g in run["gates"])
+    assert run["verdict_scope"]["performance_thresholds"] is False
 
 
 def test_threshold_that_must_fail_gives_exit_3(tmp_path, binary_audit_data):
@@ -122,7 +126,7 @@ def test_threshold_that_must_fail_gives_exit_3(tmp_path, binary_audit_data):
     assert failed and {g["gate"] for g in failed} == {"tfma_threshold"}
     overall = [g for g in failed if g["slice"] == "overall"]
     assert overall[0]["metric"] == "auc" and overall[0]["value"] < 0.999
-    assert "0.999" in overall[0]["bound"]
+    assert overall[0]["bound"] == 0.999 and "below the threshold 0.999" in overall[0]["message"]
     assert run["exit_code"] == 3 and run["status"] == "failed"
 
 
@@ -150,7 +154,9 @@ def test_multiclass_config_on_a_three_class_model(tmp_path, rng):
     model = tmp_path / "three.keras"
     gap_model(num_classes=3).save(model)
     out = tmp_path / "out"
-    assert run_cli("run", "--model", model, "--data", manifest, "--output", out) == 0
+    # A random model: useless, so it runs without the baseline gates to test the config.
+    assert run_cli("run", "--model", model, "--data", manifest, "--output", out,
+                   "--baseline-gates", "off") == 0
     run = json.loads((out / "run.json").read_text())
     assert run["tfma"]["config"] == "tfma_configs/multiclass.pbtxt"
     overall = run["tfma"]["metrics"]["overall"]
@@ -201,6 +207,8 @@ def test_config_completion():
     assert {("site",), ("prediction_correct",), ("attention_on_mask",)} <= set(keys)
     binarized = [m for m in done.metrics_specs if m.binarize.class_ids.values]
     assert list(binarized[0].binarize.class_ids.values) == [0, 1, 2]
+    # Per class, the share of positives (mean_label[classId:k]) says where AUC is undefined.
+    assert "MeanLabel" in {m.class_name for m in binarized[0].metrics}
     assert done.options.compute_confidence_intervals.value
     bad = config_pb2.EvalConfig()
     bad.slicing_specs.add(feature_keys=["scanner"])
@@ -250,5 +258,42 @@ def test_slice_gap_leaves_one_class_slices_out_of_auc_gaps():
     # Accuracy is defined on one class: site=c still counts, and fails the gate.
     assert not gates["binary_accuracy"]["passed"]
     assert gates["binary_accuracy"]["slice"] == "site=c vs site=a"
-    assert evaluation.one_class_slice({"mean_label": {"value": 0.0}})
-    assert not evaluation.one_class_slice({"mean_label": 0.3}) and not evaluation.one_class_slice({})
+    # AUC-PR is a ranking metric too: undefined on site=c by the same rule.
+    table["site=c"]["auc_precision_recall"] = 1.0
+    table["site=a"]["auc_precision_recall"] = table["site=b"]["auc_precision_recall"] = 0.9
+    pr = evaluation.slice_gap_gates(table, {"auc_precision_recall": 0.01}, ["site"])[0]
+    assert pr["passed"] and pr["value"] == 0
+
+
+def test_gap_gate_ties_and_small_slices():
+    table = {f"site={s}": {"auc": 1.0, "example_count": 40} for s in "abc"}
+    gate = evaluation.slice_gap_gates(table, {"auc": 0.05}, ["site"], min_slice_size=30)[0]
+    assert gate["passed"] and "all 3 slices" in gate["message"]
+    assert gate["slice"] == "site=a vs site=c"
+    table["site=d"] = {"auc": 0.5, "example_count": 29}  # below --min-slice-size: no gap
+    gate = evaluation.slice_gap_gates(table, {"auc": 0.05}, ["site"], min_slice_size=30)[0]
+    assert gate["passed"] and "site=d" not in gate["message"]
+    assert not evaluation.slice_gap_gates(table, {"auc": 0.05}, ["site"], min_slice_size=0)[0][
+        "passed"]
+
+
+def test_metric_names_derived_from_the_config_and_typos_are_usage_errors():
+    from importlib import resources
+
+    from beam_pipeline.errors import UsageError
+
+    config, _ = evaluation.load_eval_config(None, 2)
+    names = evaluation.computed_metric_names(config)
+    assert {"auc", "auc_precision_recall", "binary_accuracy", "recall", "example_count"} <= set(
+        names) and not any(n.endswith("_plot") for n in names)
+    with pytest.raises(UsageError, match="Did you mean recall"):
+        evaluation.check_gap_metrics({"recal": 0.1}, names, "tfma_configs/binary.pbtxt")
+    with pytest.raises(UsageError, match="Did you mean binary_accuracy"):
+        evaluation.check_gap_metrics({"accuracy": 0.1}, names, "tfma_configs/binary.pbtxt")
+    config, _ = evaluation.load_eval_config(None, 3)
+    done = evaluation.complete_eval_config(config, 3, [], False, False)
+    names = evaluation.computed_metric_names(done)
+    assert {"auc[classId:0]", "auc[classId:2]", "precision[topK:1]", "recall[topK:3]"} <= set(names)
+    assert not evaluation.has_thresholds(done)
+    path = str(resources.files("tfma_configs").joinpath("binary_with_thresholds.pbtxt"))
+    assert evaluation.has_thresholds(evaluation.load_eval_config(path, 2)[0])

@@ -254,7 +254,7 @@ def test_paths_outside_the_data_folder_with_the_explicit_flag(tmp_path, rng, mod
                   {"id": "in", "image": "in.png", "label": 2}]).to_csv(manifest, index=False)
     out = tmp_path / "out"
     quick = ["--tfma-config", "none", "--permutation-features", "none",
-             "--faithfulness-sample", "0", "--sanity-sample", "0"]
+             "--faithfulness-sample", "0", "--sanity-sample", "0", "--baseline-gates", "off"]
     assert run_cli("run", "--model", model3, "--data", manifest, "--output", out,
                    "--allow-paths-outside-data", *quick) == 0
     assert_outcomes(out, {"rel": AUDITED, "abs": AUDITED, "in": AUDITED})
@@ -376,7 +376,8 @@ def test_nan_and_inf_model_outputs_become_error_rows(tmp_path):
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     out = tmp_path / "out"
     code = run_cli("run", "--model", tmp_path / "nan.keras", "--data", root / "manifest.csv",
-                   "--output", out, "--tfma-config", "none", "--max-error-rate", "0.6")
+                   "--output", out, "--tfma-config", "none", "--max-error-rate", "0.6",
+                   "--baseline-gates", "off")  # constant outputs on dark images: degenerate
     assert code == 0
     _, errors, _ = assert_outcomes(out, expected)
     assert set(errors.stage) == {"predict"}

@@ -124,7 +124,7 @@ def test_combined_figures_equal_a_direct_single_process_computation(tmp_path, pa
     gap_model(num_classes=2, seed=4).save(model)
     out = audit(tmp_path, str(model), patch_data, "out", "--shard-size", "7",
                 "--permutation-features", "patches:2x2,channels", "--permutation-repeats", "2",
-                "--seed", "11")
+                "--seed", "11", "--baseline-gates", "off")  # random weights: useless
     summary = pd.read_parquet(out / "importance_summary.parquet")
     raw = pd.read_parquet(out / "importance")
     shard_sizes = raw.groupby("shard").n.first()

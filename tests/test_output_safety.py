@@ -36,7 +36,7 @@ def test_an_earlier_run_is_refused_unless_overwrite_and_never_mixed(tmp_path, rn
     second = make_manifest(str(tmp_path / "second"), rng, n=5, masks=False)
     out = tmp_path / "out"
     assert cli.main(["run", "--model", str(model), "--data", first, "--output", str(out),
-                     "--shard-size", "8"]) == 0
+                     "--shard-size", "8", "--baseline-gates", "off"]) == 0  # random model
     (out / "notes.txt").write_text("the user's own file")
     before = tree(out)
     assert {"run.json", "tfma/eval_config.json", "importance_summary.parquet"} <= set(before)
@@ -45,7 +45,7 @@ def test_an_earlier_run_is_refused_unless_overwrite_and_never_mixed(tmp_path, rn
     capsys.readouterr()
     plain = ["run", "--model", str(model), "--data", second, "--output", str(out),
              "--tfma-config", "none", "--permutation-features", "none",
-             "--sanity-sample", "0"]
+             "--sanity-sample", "0", "--baseline-gates", "off"]
     assert cli.main(plain) == 1
     err = " ".join(capsys.readouterr().err.split())  # the CLI wraps the paragraph
     assert "already holds a previous run" in err and "--overwrite" in err
@@ -131,7 +131,8 @@ def test_a_run_killed_half_way_leaves_no_final_files_and_the_rerun_completes(tmp
     gap_model(num_classes=2).save(model)
     manifest = make_manifest(str(tmp_path / "data"), rng, n=150, num_classes=2)
     out = tmp_path / "out"
-    argv = ["run", "--model", str(model), "--data", manifest, "--output", str(out)]
+    argv = ["run", "--model", str(model), "--data", manifest, "--output", str(out),
+            "--baseline-gates", "off"]  # a random model: this test is about the output folder
     proc = subprocess.Popen([sys.executable, "-m", "beam_pipeline.cli", *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill it once Beam has finalized some output file: in the old layout that file would

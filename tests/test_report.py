@@ -243,3 +243,20 @@ def test_cli_report_rerenders_and_refuses_a_folder_without_run_json(small_output
     assert cli.main(["report", str(empty)]) == 1
     err = capsys.readouterr().err
     assert "has no run.json" in err and "Traceback" not in err
+
+
+def test_small_slices_are_marked_and_left_out_of_gaps(tmp_path):
+    out = write_output(tmp_path / "out", 60, sites=("a", "b", "c"), images=False)
+    run = json.loads((out / "run.json").read_text())
+    run["options"]["min_slice_size"] = 25  # every site has 20 examples
+    run["verdict_scope"] = {"statement": "No performance threshold was set: only the default "
+                                         "baseline gates and the error rate were checked."}
+    (out / "run.json").write_text(json.dumps(run))
+    html = open(report.write_report(str(out))).read()
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    by_site = summary["metrics"]["by_column"][0]
+    assert all(r["small"] for r in by_site["slices"]) and by_site["gaps"] == {}
+    assert summary["metrics"]["overall"]["small"] is False
+    assert 'site=a <span class="na">small</span>' in html
+    assert summary["verdict"]["scope"].startswith("No performance threshold was set")
+    assert "What this verdict certifies" in html

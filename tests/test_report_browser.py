@@ -28,14 +28,15 @@ PAGE_ERRORS = re.compile(r"Uncaught|CONSOLE[:(]|net::ERR_|Failed to load resourc
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """A two-class run on 12 masked examples at two sites, every default stage on."""
+    """A two-class run on 12 masked examples at two sites, every default stage on. The model
+    has random weights: useless, so the default baseline gates fail it (exit 3)."""
     root = tmp_path_factory.mktemp("browser")
     model = root / "model.keras"
     gap_model(num_classes=2).save(model)
     manifest = make_manifest(str(root / "data"), np.random.default_rng(7), n=12, num_classes=2)
     out = root / "out"
     code = cli.main(["run", "--model", str(model), "--data", manifest, "--output", str(out)])
-    assert code in (0, 3), code
+    assert code == 3, code
     return out
 
 
@@ -57,6 +58,12 @@ def test_report_of_a_real_run_in_headless_chromium(small_run, tmp_path):
     dom = _chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert expected in dom.stdout and "Run identity" in dom.stdout
+    # A useless model: the rendered verdict box reads FAILED and names the baseline gate.
+    box = re.search(r'<div class="verdict failed">(.*?)</section>', dom.stdout, re.S)
+    assert run["status"] == "failed" and box, "the verdict box is not FAILED"
+    assert "Verdict: FAILED" in box.group(1)
+    assert "Better than chance (default gate) failed" in box.group(1)
+    assert "No performance threshold was set" in box.group(1)
     assert dom.stdout.count('<figure class="thumb">') > 0
     errors = [line for line in dom.stderr.splitlines() if PAGE_ERRORS.search(line)]
     assert not errors, errors
@@ -89,7 +96,8 @@ def test_report_failure_keeps_run_json_and_exits_5(tmp_path, monkeypatch, caplog
     out = tmp_path / "out"
     request = job.AuditRequest(model=str(model), data=manifest, output=str(out),
                                tfma_config="none", permutation_features="none",
-                               faithfulness_sample=0, sanity_sample=0)
+                               faithfulness_sample=0, sanity_sample=0,
+                               baseline_gates=False)  # a random model, about the report wiring
     try:
         code = job.run_audit(request, [])
     finally:
