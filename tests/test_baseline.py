@@ -57,6 +57,9 @@ def test_good_models_pass_and_chance_is_relative_to_the_majority():
 def test_one_class_labels_do_not_apply_the_gates():
     gates = baseline.baseline_gates(np.ones(10, int), _binary(np.linspace(0.1, 0.9, 10)))
     assert all(g["passed"] and g["applied"] is False for g in gates)
+    three_classes = np.tile([0.2, 0.5, 0.3], (10, 1))
+    gates = baseline.baseline_gates(np.full(10, 2), three_classes)
+    assert all(g["passed"] and g["applied"] is False for g in gates)
 
 
 def test_undefined_and_trivial_metrics_one_rule():

@@ -39,8 +39,9 @@ def sliced_run(tmp_path_factory):
     frame.to_csv(manifest, index=False)
     model = str(root / "m.keras")
     gap_model(num_classes=3).save(model)
+    # a random-weight model that tests slice plumbing, not a trained classifier
     quick = ["--permutation-features", "none", "--faithfulness-sample", "0",
-             "--sanity-sample", "0"]
+             "--sanity-sample", "0", "--baseline-gates", "off"]
     log = LogLines()
     logging.getLogger("xai_audit").addHandler(log)
     try:
