@@ -188,6 +188,8 @@ def plan_audit(req: AuditRequest) -> Plan:
 
     start = time.perf_counter()
     model, info = model_io.load_classifier(req.model, req.unsafe_deserialization)
+    for caveat in info.caveats:
+        LOG.warning("Model caveat: %s", caveat)
     layer_name, sweep_names = _gradcam_layers(model, req)
     if "cam" in req.methods:
         attribution_methods.cam_layers(model)  # a model without a GAP → Dense head: exit 1 now
@@ -577,6 +579,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
             "class_names": config.class_names,
             "head": info.head,
             "logit_source": info.head_source,
+            "caveats": info.caveats,
             "gradcam_layer": config.layer,
             "methods": config.methods,
         },

@@ -353,6 +353,7 @@ def identity(run: dict) -> dict:
         "class_names": model.get("class_names") or [],
         "methods": model.get("methods") or [],
         "gradcam_layer": model.get("gradcam_layer"),
+        "model_caveats": model.get("caveats") or [],
         "data_uri": data.get("uri"),
         "data_kind": data.get("kind"),
         "data_fingerprint": data.get("fingerprint"),
