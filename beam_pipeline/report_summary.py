@@ -316,10 +316,24 @@ def verdict(run: dict, metrics: Optional[dict]) -> dict:
     passed = [gate_reason(g, counts) for g in gates if g.get("passed")]
     if (run.get("tfma") or {}).get("error"):
         failed.insert(0, f"The sliced evaluation failed: {run['tfma']['error']}")
+    nothing = nothing_audited(counts)
+    if nothing:
+        failed.insert(0, nothing)
     caveats = _gap_gate_caveats(gates, metrics)
     status = run.get("status") or ("passed" if not failed else "failed")
     return {"status": status, "exit_code": run.get("exit_code"), "failed": failed,
             "passed": passed, "caveats": caveats, "gates": gates}
+
+
+def nothing_audited(counts: dict) -> Optional[str]:
+    """The headline of a run that audited no example: every figure below is missing, and why."""
+    if counts.get("examples_ok", 1) or not counts.get("examples_in"):
+        return None
+    reasons = ", ".join(f"{kind} {n}" for kind, n in
+                        sorted((counts.get("errors_by_type") or {}).items(), key=lambda kv: -kv[1]))
+    return (f"Nothing was audited: all {counts['examples_in']} examples failed "
+            f"({reasons or 'see errors/'}), so there are no metrics, maps or importances for "
+            "this model. The reasons per example are in errors/.")
 
 
 def _gap_gate_caveats(gates: Sequence[dict], metrics: Optional[dict]) -> List[str]:
@@ -402,8 +416,8 @@ def worst_slices(stats: Dict[str, SliceStats], columns: Sequence[str], limit: in
 def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
     """Per method, overall and per data slice: mask energy, its lift over the mask's area,
     pointing-game rate, IoU. None without masks."""
-    if not run.get("data", {}).get("has_masks"):
-        return None
+    if not run.get("data", {}).get("has_masks") or "overall" not in stats:
+        return None  # no masks, or nothing audited
     methods = run.get("model", {}).get("methods") or ["gradcam"]
     slice_columns = list(run.get("data", {}).get("slice_columns") or [])
     rows = []
