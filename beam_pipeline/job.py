@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, decode, evaluation, importance, layer_sweep, model_io,
-               outputs, pipeline, quality, runinfo, sources)
+from . import (attribution_methods, decode, evaluation, importance, layer_sweep, limits,
+               model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -227,6 +227,8 @@ def plan_audit(req: AuditRequest) -> Plan:
     # Fails early (exit 1) when a slice column clashes with an output column.
     attribution_schema(spec.slice_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+    if info.num_classes > limits.MAX_PER_CLASS_METRICS:
+        LOG.info("Per-class figures: %s.", limits.per_class_note(info.num_classes))
     _plan_importance(req, plan)
     start = time.perf_counter()
     _plan_evaluation(req, plan)
@@ -273,6 +275,7 @@ def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
         config, plan.model_info.num_classes, list(spec.slice_types), spec.has_masks,
         req.confidence_intervals,
     )
+    evaluation.check_eval_config(plan.config.eval_config, origin)
     plan.tfma_config_origin = origin
 
 
@@ -416,6 +419,7 @@ def _evaluation_results(req: AuditRequest, plan: Plan, counts: dict) -> Tuple[di
     summary = {
         "output": tfma_dir,
         "config": plan.tfma_config_origin,
+        "per_class": limits.per_class_note(plan.model_info.num_classes),
         "confidence_intervals": req.confidence_intervals,
         "metrics": table,
     }
@@ -455,6 +459,7 @@ def _importance_summary(plan: Plan) -> dict:
         "features": [f.name for f in cfg.permutation_features],
         "repeats": cfg.permutation_repeats,
         "shard_size": cfg.shard_size,
+        "per_class": limits.per_class_note(plan.model_info.num_classes),
         "figures": rows,
     }
 
