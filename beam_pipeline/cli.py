@@ -276,7 +276,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,
                         methods=args.methods, layer=args.layer)
     except AuditError as exc:
-        message = textwrap.fill(str(exc), width=100)
+        # Long paths, layer names and URIs stay whole (copy-pastable) rather than split.
+        message = textwrap.fill(str(exc), width=100, break_long_words=False,
+                                break_on_hyphens=False)
         print(f"xai-audit: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
