@@ -114,7 +114,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-error-rate", type=_float_in(0.0, 1.0), default=0.01,
                      help="share of examples that may fail before the run fails (exit 4) [0.01]")
     run.add_argument("--unsafe-deserialization", action="store_true",
-                     help="load .keras models with Lambda layers (runs code from the file)")
+                     help="load models (.keras, .h5 or SavedModel) holding Python code, e.g. "
+                          "Lambda layers: runs code from the file; refused without it")
     run.add_argument("--image-size", default=None,
                      help="HxW to resize to, for models without a fixed input size")
     run.add_argument("--tfma-config", default=None,
@@ -145,8 +146,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--max-image-pixels", type=_int_at_least(1), default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace an earlier run in --output (its outputs are removed first); "
-                          "without it a folder holding a run is refused")
+                     help="replace an earlier run in --output (only the files a run writes are "
+                          "removed first) and take over the lock a killed run left; without it "
+                          "a folder holding a run is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
