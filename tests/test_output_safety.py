@@ -140,7 +140,7 @@ def test_a_run_killed_half_way_leaves_no_final_files_and_the_rerun_completes(tmp
     deadline = time.time() + 600
     while finalized is None and proc.poll() is None and time.time() < deadline:
         for rel in tree_names(out):
-            if "beam-temp" not in rel and not rel.endswith(outputs.MARKER):
+            if "beam-temp" not in rel and not rel.endswith((outputs.MARKER, outputs.LOCK_NAME)):
                 finalized = rel
                 break
         else:
@@ -151,19 +151,26 @@ def test_a_run_killed_half_way_leaves_no_final_files_and_the_rerun_completes(tmp
     assert finalized and finalized.startswith(outputs.STAGING_PREFIX), finalized
 
     left = tree_names(out)
-    assert left and all(rel.startswith(outputs.STAGING_PREFIX) for rel in left), left
+    assert left and all(rel.startswith(outputs.STAGING_PREFIX) or rel == outputs.LOCK_NAME
+                        for rel in left), left
     state = outputs.inspect_folder(str(out))
     assert state.outputs == [] and len(state.unfinished) == 1 and not state.finished_run
 
-    # The rerun needs no --overwrite: the leftovers are no run anyone can read; the log says so.
+    # The killed run's lock is stale: reported (exit 1, nothing touched), never silently taken.
+    assert os.path.exists(outputs.lock_path(str(out)))
+    assert cli.main(argv) == 1
+    assert tree_names(out) == left
+    # --overwrite takes the stale lock over; the leftovers are no run anyone can read, and the
+    # log says they are removed.
     lines = []
     collect = logging.Handler()
     collect.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("xai_audit").addHandler(collect)
     try:
-        assert cli.main(argv) == 0
+        assert cli.main(argv + ["--overwrite"]) == 0
     finally:
         logging.getLogger("xai_audit").removeHandler(collect)
+    assert any("stale lock" in line for line in lines), lines
     assert any("leftovers of an unfinished run" in line for line in lines), lines
     attributions, errors, run = read_outputs(out)
     assert_accounting(attributions, errors, pd.read_csv(manifest).id)
