@@ -6,6 +6,7 @@ Run-stopping problems print one paragraph and exit 1; no traceback.
 """
 import argparse
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -47,6 +48,41 @@ def _method_list(text: str) -> List[str]:
     if not methods:
         raise argparse.ArgumentTypeError(f"name one or more of {', '.join(ALL_METHODS)}")
     return methods
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (else a usage error, exit 2, not a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed value {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _path(text: str) -> str:
+    """An argparse type: a non-blank path (``--output ""`` would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a folder or file")
+    return text
+
+
+def _float_in(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] when ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def _add_beam_help(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +92,12 @@ def _add_beam_help(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(run: argparse.ArgumentParser) -> None:
     from .decode import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_MODES
 
-    run.add_argument("--model", required=True, help=".keras, .h5, or a SavedModel directory")
-    run.add_argument("--data", required=True,
+    run.add_argument("--model", required=True, type=_path,
+                     help=".keras, .h5, or a SavedModel directory")
+    run.add_argument("--data", required=True, type=_path,
                      help="a folder of class subfolders, a manifest .csv/.parquet, or a TFRecord glob")
-    run.add_argument("--output", required=True, help="folder for every output (local or gs://)")
+    run.add_argument("--output", required=True, type=_path,
+                     help="folder for every output (local or gs://)")
     run.add_argument("--image-column", default="image", help="manifest/tf.Example image key [image]")
     run.add_argument("--label-column", default="label", help="label key [label]")
     run.add_argument("--mask-column", default="mask", help="ground-truth mask key [mask]")
@@ -78,14 +116,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--methods", type=_method_list, default=["gradcam"],
                      help="comma list of gradcam, gradcam_plus_plus, cam, saliency, smoothgrad, "
                           "integrated_gradients [gradcam]")
-    run.add_argument("--map-size", type=int, default=56,
+    run.add_argument("--map-size", type=_int_at_least(1), default=56,
                      help="input-resolution maps are average-pooled to at most this size [56]")
     run.add_argument("--gradcam-activation", choices=("relu", "abs"), default="relu",
                      help="Grad-CAM's final activation: relu, or abs for magnitude [relu]")
-    run.add_argument("--smoothgrad-samples", type=int, default=16, help="SmoothGrad copies [16]")
-    run.add_argument("--smoothgrad-sigma", type=float, default=0.15,
+    run.add_argument("--smoothgrad-samples", type=_int_at_least(1), default=16, help="SmoothGrad copies [16]")
+    run.add_argument("--smoothgrad-sigma", type=_float_in(0.0, low_open=True), default=0.15,
                      help="SmoothGrad noise, as a fraction of the image's range [0.15]")
-    run.add_argument("--ig-steps", type=int, default=64, help="Integrated Gradients steps [64]")
+    run.add_argument("--ig-steps", type=_int_at_least(1), default=64, help="Integrated Gradients steps [64]")
     run.add_argument("--ig-baseline", choices=("black", "blur", "uniform"), default="black",
                      help="Integrated Gradients baseline [black]")
     run.add_argument("--layer", default="auto",
@@ -93,12 +131,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                           "list, or all (Grad-CAM sweep over every 4-D layer) [auto]")
     run.add_argument("--target", default="predicted",
                      help="class to explain: predicted, label, or a class index [predicted]")
-    run.add_argument("--batch-size", type=int, default=32, help="images per model call [32]")
-    run.add_argument("--seed", type=int, default=0, help="seed of every random choice [0]")
-    run.add_argument("--max-error-rate", type=float, default=0.01,
+    run.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per model call [32]")
+    run.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice [0]")
+    run.add_argument("--max-error-rate", type=_float_in(0.0, 1.0), default=0.01,
                      help="share of examples that may fail before the run fails (exit 4) [0.01]")
     run.add_argument("--unsafe-deserialization", action="store_true",
-                     help="load .keras models with Lambda layers (runs code from the file)")
+                     help="load models (.keras, .h5 or SavedModel) holding Python code, e.g. "
+                          "Lambda layers: runs code from the file; refused without it")
     run.add_argument("--image-size", default=None,
                      help="HxW to resize to, for models without a fixed input size")
     run.add_argument("--tfma-config", default=None,
@@ -110,34 +149,35 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="fairness gate, e.g. auc=0.05,binary_accuracy=0.1: fail (exit 3) when the "
                           "best and worst slice of a slice column differ by more; METRIC is a "
                           "name the TFMA config computes")
-    run.add_argument("--min-slice-size", type=int, default=30,
+    run.add_argument("--min-slice-size", type=_int_at_least(0), default=30,
                      help="slices with fewer examples are left out of --max-slice-gap gaps and "
                           "marked small in the report [30]")
     run.add_argument("--baseline-gates", choices=("on", "off"), default="on",
                      help="default gates on labeled data: better than chance, not degenerate "
                           "(fail: exit 3) [on]")
-    run.add_argument("--faithfulness-sample", type=int, default=256,
+    run.add_argument("--faithfulness-sample", type=_int_at_least(0), default=256,
                      help="about this many seeded examples get deletion/insertion AUCs per method "
                           "(0: off) [256]")
-    run.add_argument("--sanity-sample", type=int, default=32,
+    run.add_argument("--sanity-sample", type=_int_at_least(0), default=32,
                      help="about this many seeded examples for the model-randomization sanity "
                           "check (0: off) [32]")
     run.add_argument("--permutation-features", default="patches:4x4",
                      help="permutation importance features: patches:RxC, channels, or none "
                           "[patches:4x4]")
-    run.add_argument("--permutation-repeats", type=int, default=3,
+    run.add_argument("--permutation-repeats", type=_int_at_least(1), default=3,
                      help="permutations per feature per shard [3]")
-    run.add_argument("--shard-size", type=int, default=256,
+    run.add_argument("--shard-size", type=_int_at_least(1), default=256,
                      help="examples per permutation shard [256]")
     run.add_argument("--allow-paths-outside-data", action="store_true",
                      help="let manifest image/mask paths point outside the manifest's folder "
                           "(../x.png, absolute paths, other buckets); without it such an example "
                           "is an error row (path_outside_data)")
-    run.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    run.add_argument("--max-image-pixels", type=_int_at_least(1), default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace an earlier run in --output (its outputs are removed first); "
-                          "without it a folder holding a run is refused")
+                     help="replace an earlier run in --output (only the files a run writes are "
+                          "removed first) and take over the lock a killed run left; without it "
+                          "a folder holding a run is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="make the synthetic demo dataset and model, then audit them", allow_abbrev=False
     )
-    demo.add_argument("--output", required=True, help="folder for the demo data, model and audit")
-    demo.add_argument("--examples", type=int, default=480, help="examples to generate [480]")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data, training and audit [0]")
+    demo.add_argument("--output", required=True, type=_path,
+                      help="folder for the demo data, model and audit")
+    demo.add_argument("--examples", type=_int_at_least(1), default=480, help="examples to generate [480]")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of data, training and audit [0]")
     demo.add_argument("--pooling", choices=("max", "average"), default="max",
                       help="the demo model's global pooling: max (sharp Grad-CAM) or average (the "
                            "head original CAM needs; trains ~2x longer) [max]")
@@ -167,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="re-render DIR/report/ (index.html, summary.json) from the files in DIR",
         allow_abbrev=False)
-    report.add_argument("dir", metavar="DIR", help="the --output folder of a finished run")
+    report.add_argument("dir", metavar="DIR", type=_path,
+                        help="the --output folder of a finished run")
     return parser
 
 
@@ -267,7 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,
                         methods=args.methods, layer=args.layer)
     except AuditError as exc:
-        message = textwrap.fill(str(exc), width=100)
+        # Long paths, layer names and URIs stay whole (copy-pastable) rather than split.
+        message = textwrap.fill(str(exc), width=100, break_long_words=False,
+                                break_on_hyphens=False)
         if exc.exit_code == 2:  # a usage error, reported the way argparse reports its own
             print(f"usage: xai-audit {args.command} [options] (xai-audit {args.command} --help)",
                   file=sys.stderr)

@@ -20,6 +20,7 @@ from google.protobuf import text_format
 
 from . import metric_rules
 from .errors import AuditError, OptionError, UsageError
+from .limits import MAX_PER_CLASS_METRICS
 
 LABEL, SCORE, PROBABILITIES = "label", "score", "probabilities"
 PREDICTION_CORRECT = "prediction_correct"
@@ -114,7 +115,7 @@ def complete_eval_config(
     for metrics_spec in done.metrics_specs:
         if metrics_spec.HasField("binarize") and metrics_spec.binarize.HasField("class_ids") \
                 and not metrics_spec.binarize.class_ids.values:
-            metrics_spec.binarize.class_ids.values.extend(range(num_classes))
+            _fill_class_ids(metrics_spec, num_classes)
         _add_mean_label(metrics_spec)
     if confidence_intervals:
         done.options.compute_confidence_intervals.value = True
@@ -129,6 +130,37 @@ def _add_mean_label(metrics_spec) -> None:
     if needs and "MeanLabel" not in names and not metrics_spec.binarize.top_k_list.values \
             and not metrics_spec.binarize.k_list.values:
         metrics_spec.metrics.add(class_name="MeanLabel")
+def _fill_class_ids(metrics_spec, num_classes: int) -> None:
+    """An empty ``class_ids`` means every class, up to MAX_PER_CLASS_METRICS; above that one
+    metric set per class costs minutes and gigabytes (1,000 classes), so the spec becomes one
+    micro-averaged one-vs-rest set instead (labels and probabilities flattened)."""
+    if num_classes <= MAX_PER_CLASS_METRICS:
+        metrics_spec.binarize.class_ids.values.extend(range(num_classes))
+        return
+    metrics_spec.ClearField("binarize")
+    metrics_spec.aggregate.micro_average = True
+
+
+def check_eval_config(config, origin: str) -> None:
+    """Refuse, at planning, a config TFMA would run without measuring anything or could not
+    build (an unknown metric class): otherwise the job runs and only then finds no metrics."""
+    from tensorflow_model_analysis.metrics import metric_specs
+
+    if not any(spec.metrics for spec in config.metrics_specs):
+        raise OptionError(
+            f"--tfma-config {origin} names no metrics (no metrics_specs with metrics), so TFMA "
+            "would measure nothing. Add e.g. metrics_specs { metrics { class_name: "
+            "\"ExampleCount\" } metrics { class_name: \"AUC\" } }, start from tfma_configs/, "
+            "or pass --tfma-config none to skip TFMA."
+        )
+    try:
+        metric_specs.to_computations(config.metrics_specs, eval_config=config)
+    except Exception as exc:  # TFMA raises ValueError/TypeError/ImportError/KeyError here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptionError(
+            f"--tfma-config {origin}: TFMA cannot build its metrics ({first}). Use TFMA metric "
+            "class names such as ExampleCount, AUC, Precision, Recall, BinaryAccuracy."
+        ) from None
 
 
 # --------------------------------------------------------------------------- rows → TFMA input
@@ -265,6 +297,9 @@ def read_tfma_results(output_path: str) -> Dict[str, Dict[str, object]]:
                     if "boundedValue" not in value and "doubleValue" not in value:
                         continue  # plots and other non-scalar outputs
                     scalar = _metric_value(value)
+                    if scalar is None:
+                        continue
+                    metric = _aggregated_name(metric)
                     name = metric if not sub_key else f"{metric}[{sub_key}]"
                     metrics[name if not output_name else f"{output_name}/{name}"] = scalar
         if metrics:
@@ -275,6 +310,15 @@ def read_tfma_results(output_path: str) -> Dict[str, Dict[str, object]]:
             "the model: check that the data has labels and the TFMA config names metrics."
         )
     return table
+
+
+def _aggregated_name(metric: str) -> str:
+    """TFMA names an aggregated metric by its aggregation's text, "micro_average: true\\n_auc":
+    that becomes auc[micro_average]."""
+    if "\n_" not in metric:
+        return metric
+    aggregation, name = metric.rsplit("\n_", 1)
+    return f"{name}[{aggregation.split(':')[0].strip()}]"
 
 
 def threshold_gates(output_path: str, table: Dict[str, Dict[str, object]],

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import OptionError
+from .limits import MAX_PER_CLASS_METRICS
 
 METRICS = ("accuracy", "log_loss", "auc")
 AUC_BUCKETS = 1000  # score histogram resolution; AUC ties within a bucket count half
@@ -137,7 +138,10 @@ def metric_partials(probabilities: np.ndarray, labels: np.ndarray) -> Dict[str, 
     """Additive sums of one set of predictions: n, correct, log-loss sum, score histograms.
 
     Histograms are [classes, AUC_BUCKETS] of P(class c) for examples of class c (positives) and
-    of other classes (negatives); a two-class model uses class 1 only (row 0 stays empty).
+    of other classes (negatives); a two-class model uses class 1 only (row 0 stays empty). Above
+    MAX_PER_CLASS_METRICS classes there are none ([0, AUC_BUCKETS]: no AUC): 1,000 classes would
+    carry 16 MB of histograms per permutation, and a macro AUC over classes that have one or two
+    examples in a shard says little.
     """
     probabilities = np.asarray(probabilities, np.float64)
     labels = np.asarray(labels, np.int64)
@@ -148,9 +152,10 @@ def metric_partials(probabilities: np.ndarray, labels: np.ndarray) -> Dict[str, 
     safe = np.where(finite[:, None], probabilities, 0.0)
     chosen = safe[np.arange(n), labels]
     buckets = np.clip((safe * AUC_BUCKETS).astype(np.int64), 0, AUC_BUCKETS - 1)
-    pos = np.zeros((classes, AUC_BUCKETS), np.int64)
-    neg = np.zeros((classes, AUC_BUCKETS), np.int64)
-    for c in ([1] if classes == 2 else range(classes)):
+    rows = classes if classes <= MAX_PER_CLASS_METRICS else 0
+    pos = np.zeros((rows, AUC_BUCKETS), np.int64)
+    neg = np.zeros((rows, AUC_BUCKETS), np.int64)
+    for c in ([1] if classes == 2 else range(rows)):
         is_pos = labels == c
         pos[c] = np.bincount(buckets[is_pos & finite, c], minlength=AUC_BUCKETS)
         neg[c] = np.bincount(buckets[~is_pos & finite, c], minlength=AUC_BUCKETS)

@@ -11,6 +11,7 @@ file, and an earlier run in the folder is refused unless ``--overwrite``. With B
 """
 import io
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, baseline, decode, evaluation, importance, layer_sweep,
+from . import (attribution_methods, baseline, decode, evaluation, importance, layer_sweep, limits,
                metric_rules, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
@@ -197,6 +198,8 @@ def plan_audit(req: AuditRequest) -> Plan:
 
     start = time.perf_counter()
     model, info = model_io.load_classifier(req.model, req.unsafe_deserialization)
+    for caveat in info.caveats:
+        LOG.warning("Model caveat: %s", caveat)
     layer_name, sweep_names = _gradcam_layers(model, req)
     if "cam" in req.methods:
         attribution_methods.cam_layers(model)  # a model without a GAP → Dense head: exit 1 now
@@ -233,6 +236,8 @@ def plan_audit(req: AuditRequest) -> Plan:
     # Fails early (exit 1) when a slice column clashes with an output column.
     attribution_schema(spec.column_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
+    if info.num_classes > limits.MAX_PER_CLASS_METRICS:
+        LOG.info("Per-class figures: %s.", limits.per_class_note(info.num_classes))
     _plan_importance(req, plan)
     start = time.perf_counter()
     _plan_evaluation(req, plan)
@@ -282,6 +287,7 @@ def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
         config, plan.model_info.num_classes, list(spec.slice_types), spec.has_masks,
         req.confidence_intervals,
     )
+    evaluation.check_eval_config(plan.config.eval_config, origin)
     plan.tfma_config_origin = origin
     evaluation.check_gap_metrics(
         gaps, evaluation.computed_metric_names(plan.config.eval_config), origin)
@@ -394,6 +400,7 @@ def _translate_only(req: AuditRequest, plan: Plan, beam_args: Sequence[str], fin
 def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
     """Counts from the files a reader will see, checked against the job's own input counter."""
     ok_ids = runinfo.read_column(pipeline.output_path(output, "attributions"), "example_id")
+    labels = runinfo.read_column(pipeline.output_path(output, "attributions"), "label")
     error_types = runinfo.read_column(pipeline.output_path(output, "errors"), "error_type")
     failed, total = len(error_types), len(ok_ids) + len(error_types)
     examples_in = int(counters.get("examples_in", total))
@@ -405,16 +412,23 @@ def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
         "examples_ok": len(ok_ids),
         "examples_unlabeled": unlabeled,
         "examples_failed": failed,
+        "examples_labeled_ok": len(labels) - labels.null_count,
         "error_rate": failed / total if total else 0.0,
         "errors_by_type": runinfo.value_counts(error_types),
         "accounting_ok": examples_in == total and runinfo.distinct_count(ok_ids) == len(ok_ids),
     }
 
 
-def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]]:
+def _evaluation_results(req: AuditRequest, plan: Plan, counts: dict) -> Tuple[dict, List[dict]]:
     """TFMA's figures for run.json and the gates they feed (raises EvaluationError if empty)."""
     if plan.config.eval_config is None:
         return {"skipped_because": plan.tfma_skipped_because}, []
+    if not counts["examples_labeled_ok"]:
+        # Nothing labeled was audited: TFMA has nothing to measure, which the error-rate gate
+        # and the report already say; it is not a TFMA failure.
+        reason = ("no example could be audited (see errors/)" if not counts["examples_ok"]
+                  else "none of the audited examples has a label")
+        return {"skipped_because": reason}, []
     tfma_dir = pipeline.output_path(plan.config.output, "tfma")
     with outputs.local_folder(tfma_dir) as readable:
         table = evaluation.read_tfma_results(readable)
@@ -425,6 +439,7 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
     summary = {
         "output": tfma_dir,
         "config": plan.tfma_config_origin,
+        "per_class": limits.per_class_note(plan.model_info.num_classes),
         "confidence_intervals": req.confidence_intervals,
         "metrics": metric_rules.clean_metrics_table(table),  # undefined AUCs: null, not 0
     }
@@ -471,6 +486,7 @@ def _importance_summary(plan: Plan) -> dict:
         "features": [f.name for f in cfg.permutation_features],
         "repeats": cfg.permutation_repeats,
         "shard_size": cfg.shard_size,
+        "per_class": limits.per_class_note(plan.model_info.num_classes),
         "figures": rows,
     }
 
@@ -504,16 +520,55 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     if dry_run:
         _check_dry_run(options)
     _check_remote_paths(req, options, dry_run)
-    if not dry_run and not req.overwrite:  # refuse before the (slow) planning; reads only
-        outputs.refuse_earlier_run(req.output.rstrip("/"))
+    _check_runner(options)
+    final = req.output.rstrip("/")
+    _check_output_target(final)
+    run_id = outputs.new_run_id()
+    if dry_run:
+        plan = plan_audit(req)
+        plan.config.output = outputs.staging_path(final, run_id)
+        return _translate_only(req, plan, beam_args, final)
+    if not req.overwrite:  # refuse before the (slow) planning; reads only
+        outputs.refuse_earlier_run(final)
+    created = "://" not in final and not os.path.exists(final)
+    # One run per folder: the lock is held from before planning until the report is written.
+    outputs.acquire_lock(final, run_id, started, take_stale=req.overwrite)
+    try:
+        return _run_locked(req, beam_args, started, run_id)
+    finally:
+        outputs.release_lock(final, run_id)
+        if created and os.path.isdir(final) and not os.listdir(final):
+            os.rmdir(final)  # a run refused at planning leaves no folder it made
+
+
+def _check_runner(options: PipelineOptions) -> None:
+    """An unknown --runner is refused before anything is written (Beam raises a ValueError)."""
+    name = options.view_as(StandardOptions).runner
+    if name in LOCAL_RUNNERS:
+        return
+    from apache_beam.runners.runner import create_runner
+
+    try:
+        create_runner(name)
+    except (ValueError, ImportError) as exc:
+        raise OptionError(f"--runner {name} cannot be used: {exc}") from None
+
+
+def _check_output_target(output: str) -> None:
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise OptionError(
+            f"--output {output} is an existing file; the audit writes a folder of outputs. "
+            "Name a new or existing folder."
+        )
+
+
+def _run_locked(req: AuditRequest, beam_args: Sequence[str], started: str, run_id: str) -> int:
+    """The run proper, with the output folder's lock held."""
     plan = plan_audit(req)
     config = plan.config
     final = config.output
-    run_id = outputs.new_run_id()
     staging = outputs.staging_path(final, run_id)
     config.output = staging  # every transform writes under the staging folder
-    if dry_run:
-        return _translate_only(req, plan, beam_args, final)
 
     outputs.prepare_folder(final, req.overwrite)
     outputs.start_staging(staging, run_id, started)
@@ -554,7 +609,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     evaluation_error = None
     start = time.perf_counter()
     try:
-        tfma_summary, tfma_gates = _evaluation_results(req, plan)
+        tfma_summary, tfma_gates = _evaluation_results(req, plan, counts)
     except evaluation.EvaluationError as exc:
         evaluation_error = exc
         tfma_summary, tfma_gates = {"error": str(exc)}, []
@@ -565,6 +620,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
     payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
     payload["run_id"] = run_id
+    payload["output_files"] = outputs.run_files(final)  # what --overwrite may remove later
     # run.json last and atomically: its presence means every other output is complete.
     outputs.write_json_atomic(pipeline.output_path(final, outputs.RUN_JSON), payload)
     outputs.finish(staging)
@@ -614,6 +670,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
             "class_names": config.class_names,
             "head": info.head,
             "logit_source": info.head_source,
+            "caveats": info.caveats,
             "gradcam_layer": config.layer,
             "methods": config.methods,
         },

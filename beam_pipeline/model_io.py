@@ -2,17 +2,23 @@
 
 * ``load_model``: ``.keras`` in Keras safe mode, ``.h5``, or a SavedModel directory written by
   Keras 2 / TFX (loaded with tf_keras, which keeps its layers). Remote paths are copied locally.
+  Before anything is deserialized, the stored layer configs of every format are scanned for
+  Python code (``code_layers``: Lambda layers, marshalled functions); such a model is refused
+  unless ``--unsafe-deserialization`` (tf_keras has no safe mode for SavedModels: without this
+  scan a SavedModel's Lambda would run its code while loading).
 * ``prepare_classifier``: finds the output head (softmax / sigmoid / none) and switches it to
   emit pre-activation logits, so Grad-CAM differentiates the logit, not the probability.
 * ``find_layer``: ``auto`` (last layer with a 4-D output, searching inside nested models) or a
   name, returning the layer object wherever it sits in the nesting.
 """
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -34,6 +40,8 @@ class ClassifierInfo:
     head: str  # "softmax" | "sigmoid"
     head_source: str  # how the logit was found, for run.json
     layer_names: List[str]
+    # What the audit had to assume about the model, for the log, run.json and the report.
+    caveats: List[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- loading
@@ -104,11 +112,111 @@ def load_model(path: str, unsafe_deserialization: bool = False):
     except Exception as exc:
         raise ModelLoadError(f"The model {path} could not be read ({exc}).") from None
     if os.path.isdir(local):
-        return _load_saved_model(local)  # the copy stays: a SavedModel may read assets later
+        # the copy stays: a SavedModel may read assets later
+        return _load_saved_model(path, local, unsafe_deserialization)
     try:
         return _load_model_file(path, local, unsafe_deserialization)
     finally:  # the whole file has been read into the model
         _drop_local_copy(path, local)
+
+
+# --------------------------------------------------------------------------- code in a model
+
+# Config markers of deserialized Python code: Keras 2's marshalled functions carry a
+# ``function_type``; Keras 3 stores a lambda's bytecode as class ``__lambda__``.
+_CODE_CLASSES = ("Lambda", "__lambda__")
+_CODE_KEYS = ("function_type",)
+
+
+def code_layers(config) -> List[str]:
+    """Names of the layers (or objects) in a parsed model config that hold Python code."""
+    found: List[str] = []
+    _find_code(config, found)
+    return found
+
+
+def _find_code(value, found: List[str]) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _find_code(item, found)
+        return
+    if not isinstance(value, dict):
+        return
+    if value.get("class_name") in _CODE_CLASSES or any(k in value for k in _CODE_KEYS):
+        inner = value.get("config") if isinstance(value.get("config"), dict) else value
+        name = str(inner.get("name") or value.get("class_name") or "?")
+        if name not in found:
+            found.append(name)
+        return  # its function is part of it, not another finding
+    for item in value.values():
+        _find_code(item, found)
+
+
+def _refuse_code(path: str, names: List[str], unsafe_deserialization: bool) -> None:
+    if names and not unsafe_deserialization:
+        raise ModelLoadError(
+            f"The model {path} contains Python code (Lambda layer {', '.join(names[:5])}), which "
+            "would run while the model is loaded, so it was not loaded. If you trust the file, "
+            "pass --unsafe-deserialization to load it anyway."
+        )
+
+
+def _keras_zip_config(path: str, local: str) -> dict:
+    """config.json of a .keras archive; a file that is not one is named as such."""
+    if not zipfile.is_zipfile(local):
+        size = os.path.getsize(local)
+        what = "is empty" if size == 0 else f"is not a zip archive ({size} bytes)"
+        raise ModelLoadError(
+            f"The model {path} could not be loaded: it {what}, so it is not a .keras file (Keras saves .keras models as "
+            "zip archives with config.json). It may be truncated or another format (a pickle, an "
+            ".h5 renamed): save the model again with model.save('model.keras')."
+        )
+    try:
+        with zipfile.ZipFile(local) as archive:
+            return json.loads(archive.read("config.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(
+            f"The model {path} is a damaged .keras archive ({type(exc).__name__}: "
+            f"{_first_line(str(exc))}); save the model again with model.save('model.keras')."
+        ) from None
+
+
+def _h5_config(path: str, local: str) -> dict:
+    import h5py
+
+    try:
+        with h5py.File(local, "r") as handle:
+            text = handle.attrs.get("model_config")
+    except OSError as exc:
+        raise ModelLoadError(
+            f"The model {path} is not a readable HDF5 file ({_first_line(str(exc))}); it may be "
+            "truncated or another format."
+        ) from None
+    if text is None:
+        raise ModelLoadError(
+            f"The model {path} holds weights only (no model config); save the whole model with "
+            "model.save()."
+        )
+    return json.loads(text.decode() if isinstance(text, bytes) else text)
+
+
+def _saved_model_config(path: str, local: str) -> List[dict]:
+    """Every node's metadata of a Keras 2 SavedModel's keras_metadata.pb (layer configs)."""
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    metadata = saved_metadata_pb2.SavedMetadata()
+    try:
+        with open(os.path.join(local, "keras_metadata.pb"), "rb") as handle:
+            metadata.ParseFromString(handle.read())
+        return [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
+    except Exception as exc:  # a damaged protobuf or JSON: nothing can be checked, so refuse
+        raise ModelLoadError(
+            f"The SavedModel {path} has an unreadable keras_metadata.pb ({type(exc).__name__}); "
+            "it cannot be checked for code, so it is not loaded."
+        ) from None
+
+
+# --------------------------------------------------------------------------- formats
 
 
 def _load_model_file(path: str, local: str, unsafe_deserialization: bool):
@@ -117,44 +225,39 @@ def _load_model_file(path: str, local: str, unsafe_deserialization: bool):
         raise ModelLoadError(
             f"The model {path} is not a .keras file, an .h5 file or a SavedModel directory."
         )
+    is_zip = lower.endswith(".keras")
+    config = _keras_zip_config(path, local) if is_zip else _h5_config(path, local)
+    _refuse_code(path, code_layers(config), unsafe_deserialization)
     import keras
 
     try:
-        if lower.endswith(".keras"):
-            return keras.models.load_model(
-                local, compile=False, safe_mode=not unsafe_deserialization
-            )
-        return keras.models.load_model(local, compile=False)
+        # safe_mode for .h5 too: Keras' legacy loader refuses Lambdas unless it is off.
+        return keras.models.load_model(
+            local, compile=False, safe_mode=not unsafe_deserialization)
     except Exception as exc:
-        text = str(exc)
-        if "safe_mode" in text or "Lambda" in text and "unsafe" in text.lower():
-            raise ModelLoadError(
-                f"The model {path} contains a Lambda layer (arbitrary Python code), which Keras "
-                "safe mode refuses to load. If you trust the file, pass --unsafe-deserialization "
-                "to load it anyway."
-            ) from None
         raise ModelLoadError(
-            f"The model {path} could not be loaded ({type(exc).__name__}: {_first_line(text)}). "
-            "Check that it is a Keras model saved with model.save()."
+            f"The model {path} could not be loaded ({type(exc).__name__}: "
+            f"{_first_line(str(exc))}). Check that it is a Keras model saved with model.save()."
         ) from None
 
 
-def _load_saved_model(path: str):
-    if not os.path.exists(os.path.join(path, "saved_model.pb")):
+def _load_saved_model(path: str, local: str, unsafe_deserialization: bool):
+    if not os.path.exists(os.path.join(local, "saved_model.pb")):
         raise ModelLoadError(
             f"The folder {path} is not a SavedModel (no saved_model.pb). Give a .keras or .h5 "
             "file or a SavedModel directory."
         )
-    if not os.path.exists(os.path.join(path, "keras_metadata.pb")):
+    if not os.path.exists(os.path.join(local, "keras_metadata.pb")):
         raise ModelLoadError(
             f"The SavedModel {path} has no Keras metadata (it was written by tf.saved_model.save "
             "or model.export()), so its layers cannot be reached for Grad-CAM. Give the .keras "
             "file, or a SavedModel written by Keras 2 / TFX's Trainer (model.save(dir))."
         )
+    _refuse_code(path, code_layers(_saved_model_config(path, local)), unsafe_deserialization)
     import tf_keras
 
     try:
-        return tf_keras.models.load_model(path, compile=False)
+        return tf_keras.models.load_model(local, compile=False)
     except Exception as exc:
         raise ModelLoadError(
             f"The SavedModel {path} could not be loaded with tf_keras ({type(exc).__name__}: "
@@ -304,6 +407,8 @@ def prepare_classifier(model) -> ClassifierInfo:
     else:
         head = "sigmoid" if units == 1 else "softmax"
         source = f"output of layer {last.name!r} taken as logits (no softmax/sigmoid at the end)"
+    caveats = _single_unit_caveats(units, activation, last.name) if activation not in (
+        _SOFTMAX_NAMES + _SIGMOID_NAMES) else []
     if head == "softmax" and units == 1:
         raise ModelLoadError("The model ends in a softmax over a single unit, which is constant.")
     if head == "sigmoid" and units != 1:
@@ -319,4 +424,30 @@ def prepare_classifier(model) -> ClassifierInfo:
         head=head,
         head_source=source,
         layer_names=[n for n, _ in iter_layers(model)],
+        caveats=caveats,
     )
+
+
+_LINEAR_NAMES = (None, "linear")
+
+
+def _single_unit_caveats(units: int, activation: Optional[str], layer: str) -> List[str]:
+    """A single output unit without a sigmoid: a linear unit is audited as the logit of class 1
+    (right for a binary classifier trained with from_logits=True, wrong for a regressor: hence
+    the caveat); any other activation (ReLU, tanh...) is refused, as no sigmoid of it is a
+    class probability (a ReLU output is never negative, so class 0 could never be predicted)."""
+    if units != 1:
+        return []
+    if activation not in _LINEAR_NAMES:
+        raise ModelLoadError(
+            f"The model ends in a single unit with a {activation} activation (layer {layer!r}); "
+            "that is neither a class probability (sigmoid) nor a logit, so it cannot be audited "
+            "as a binary classifier. End the model in Dense(1, activation='sigmoid') or "
+            "Dense(2, activation='softmax')."
+        )
+    return [
+        f"The model's single output unit (layer {layer!r}) has no sigmoid: its output is read as "
+        "the logit of class 1 (probability = sigmoid(output)). That holds only for a binary "
+        "classifier trained on logits (from_logits=True); for a regression or score output every "
+        "probability, metric and verdict of this audit is meaningless."
+    ]

@@ -1,9 +1,17 @@
 """The output folder's life cycle: one run's files, complete or absent, never two runs mixed.
 
+* ``acquire_lock`` / ``release_lock``: one run per folder. A run creates ``DIR/.xai-audit.lock``
+  atomically (holder host, pid, start time and run id inside) before it plans, and removes it at
+  the end, also on failure. A second run is refused while the lock is held (``OutputLockedError``,
+  exit 1, naming the holder). A lock whose holder is gone (same host, pid no longer alive) is
+  reported as stale and never silently taken: ``--overwrite`` takes it over, or the user deletes
+  it. On object stores (``gs://``) the create is check-then-write, not atomic (Beam's FileSystems
+  has no create-if-absent): two runs started within the same moment can both pass.
 * ``inspect_folder`` / ``prepare_folder`` (on the launcher, before anything is written): a
-  folder that holds an earlier run (``run.json`` or any output name below) is refused with
-  ``OutputExistsError`` (exit 1) unless ``--overwrite`` is given; then that run's outputs are
-  removed first. Other files in the folder (the demo's data, a user's notes) are never touched.
+  folder that holds an earlier run (``run.json`` or any file a run writes, ``OWNED_FILES``) is
+  refused with ``OutputExistsError`` (exit 1) unless ``--overwrite`` is given; then that run's
+  files are removed first, and only those: files a run never writes (the demo's data, a user's
+  ``report/notes.txt``) are never touched, even inside the run's folders.
   *Leftovers of an unfinished run* (a ``.incomplete-<run id>/`` folder: the run was killed or
   crashed before it wrote run.json) are removed without asking: they are no run anyone can read.
 * The job writes every output into ``DIR/.incomplete-<run id>/`` (``staging_path``).
@@ -23,10 +31,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -40,6 +50,18 @@ OUTPUT_NAMES = (
     RUN_JSON, "attributions", "errors", "importance", "importance_summary.parquet", "tfma",
     "layer_sweep.parquet", "layer_sweep_maps.parquet", "sanity.parquet", "report",
 )
+# The files a run writes under each folder of OUTPUT_NAMES (patterns relative to DIR, no deeper
+# than written): only these are a run's, so only these are removed. Top-level names are files.
+OWNED_FILES: Dict[str, Tuple[str, ...]] = {
+    "attributions": ("attributions/part-*.parquet",),
+    "errors": ("errors/part-*.parquet",),
+    "importance": ("importance/part-*.parquet",),
+    "tfma": ("tfma/metrics*", "tfma/plots*", "tfma/attributions*", "tfma/validations*",
+             "tfma/eval_config.json"),
+    "report": ("report/index.html", "report/summary.json", "report/.index.html.tmp-*",
+               "report/.summary.json.tmp-*"),
+}
+LOCK_NAME = ".xai-audit.lock"
 STAGING_PREFIX = ".incomplete-"
 # Written first into the staging folder and removed last, so the folder is recognisable as an
 # unfinished run even on object stores, where an empty "folder" does not exist.
@@ -48,6 +70,10 @@ MARKER = "_RUN_IN_PROGRESS"
 
 class OutputExistsError(AuditError):
     """The output folder already holds a run, and --overwrite was not given."""
+
+
+class OutputLockedError(AuditError):
+    """Another run holds the output folder's lock (or a killed run left it behind)."""
 
 
 @dataclass
@@ -85,11 +111,6 @@ def _match(pattern: str, limit=None) -> List[str]:
     return [m.path for m in FileSystems.match([pattern], limits=[limit])[0].metadata_list]
 
 
-def _exists(uri: str) -> bool:
-    """A file, a (local) directory, or a prefix with objects under it."""
-    return FileSystems.exists(uri) or bool(_match(join(uri, "**"), limit=1))
-
-
 def _remove(uri: str) -> None:
     """A file, a directory tree, or every object under a prefix."""
     if FileSystems.exists(uri):
@@ -108,11 +129,36 @@ def _staging_folders(output: str) -> List[str]:
     return sorted(folders)
 
 
+def _owned(rel: str, name: str) -> bool:
+    patterns = OWNED_FILES.get(name, (name,))
+    return any(rel.count("/") == p.count("/") and fnmatchcase(rel, p) for p in patterns)
+
+
+def owned_files(output: str, name: str) -> List[str]:
+    """The files under output name ``name`` that a run writes (never a user's own files)."""
+    root = output.rstrip("/")
+    if name not in OWNED_FILES:  # a top-level file
+        path = join(output, name)
+        return [path] if FileSystems.exists(path) and not os.path.isdir(path) else []
+    found = []
+    for path in _match(join(output, name, "**")):
+        if _owned(path[len(root) + 1:].replace("\\", "/"), name):
+            found.append(path)
+    return sorted(found)
+
+
+def run_files(output: str) -> List[str]:
+    """Every file of a run in ``output``, relative to it (for run.json)."""
+    root = output.rstrip("/")
+    return [path[len(root) + 1:].replace("\\", "/")
+            for name in OUTPUT_NAMES for path in owned_files(output, name)]
+
+
 def inspect_folder(output: str) -> FolderState:
     """What ``output`` holds; reads only."""
     return FolderState(
         output=output,
-        outputs=[name for name in OUTPUT_NAMES if _exists(join(output, name))],
+        outputs=[name for name in OUTPUT_NAMES if owned_files(output, name)],
         unfinished=_staging_folders(output),
     )
 
@@ -152,10 +198,127 @@ def prepare_folder(output: str, overwrite: bool) -> FolderState:
             "run.json): removing them.", output,
             ", ".join([*(f"{n}" for n in state.outputs), *state.unfinished]))
     for name in state.outputs:
-        _remove(join(output, name))
+        _remove_owned(output, name)
     for folder in state.unfinished:
         _remove(folder)
     return state
+
+
+def _remove_owned(output: str, name: str) -> None:
+    """Delete a run's files under ``name``; the folder goes too if nothing else is in it."""
+    files = owned_files(output, name)
+    if files:
+        FileSystems.delete(files)
+    folder = join(output, name)
+    if name in OWNED_FILES and "://" not in folder and os.path.isdir(folder):
+        kept = _match(join(output, name, "**"))
+        if kept:
+            LOG.info("Kept %d file(s) in %s that no run writes (e.g. %s).", len(kept), folder,
+                     kept[0])
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # empty sub-folders only
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def lock_path(output: str) -> str:
+    return join(output, LOCK_NAME)
+
+
+def _holder(run_id: str, started_at: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,
+            "run_id": run_id}
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists; False when it exists."""
+    if "://" not in path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        return True
+    if FileSystems.exists(path):  # object stores: check then write (see the module doc)
+        return False
+    with FileSystems.create(path, mime_type="application/json") as handle:
+        handle.write(data)
+    return True
+
+
+def read_lock(output: str) -> Optional[dict]:
+    """The lock's holder, {} when the lock is unreadable, None when there is no lock."""
+    path = lock_path(output)
+    try:
+        with FileSystems.open(path) as handle:
+            holder = json.loads(handle.read().decode("utf-8"))
+        return holder if isinstance(holder, dict) else {}
+    except Exception:  # pylint: disable=broad-except
+        return {} if FileSystems.exists(path) else None
+
+
+def holder_is_gone(holder: dict) -> bool:
+    """True when the holder ran on this host and its process no longer exists."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False  # another machine, or unreadable: it cannot be checked from here
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # exists (another user's), or not a pid this system has
+    return False
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unreadable lock"
+    return (f"host {holder.get('host')}, pid {holder.get('pid')}, started "
+            f"{holder.get('started_at')}, run id {holder.get('run_id')}")
+
+
+def acquire_lock(output: str, run_id: str, started_at: str, take_stale: bool) -> str:
+    """Take ``output``'s lock for this run or raise OutputLockedError; returns the lock path."""
+    path = lock_path(output)
+    data = json.dumps(_holder(run_id, started_at)).encode()
+    if _create_exclusive(path, data):
+        return path
+    holder = read_lock(output) or {}
+    if holder_is_gone(holder):
+        if take_stale:
+            LOG.warning("--overwrite: taking over the stale lock of a run that is no longer "
+                        "running (%s).", _describe(holder))
+            _remove(path)
+            if _create_exclusive(path, data):
+                return path
+            holder = read_lock(output) or {}  # another run took it meanwhile
+        else:
+            raise OutputLockedError(
+                f"The output folder {output} is locked by a run that is no longer running "
+                f"({_describe(holder)}): it was killed or crashed. Pass --overwrite to take the "
+                f"lock over (that run's outputs are then replaced), or delete {path} once you "
+                "are sure no run uses the folder."
+            )
+    raise OutputLockedError(
+        f"The output folder {output} is in use by another xai-audit run ({_describe(holder)}). "
+        "Wait for it to finish or choose another --output: two runs never share a folder. If "
+        f"that run is gone (e.g. it ran on another machine and was killed), delete {path}."
+    )
+
+
+def release_lock(output: str, run_id: str) -> None:
+    """Remove the lock if it is still this run's (never another run's)."""
+    holder = read_lock(output)
+    if holder and holder.get("run_id") == run_id:
+        try:
+            _remove(lock_path(output))
+        except Exception as exc:  # pylint: disable=broad-except
+            LOG.warning("Could not remove the lock %s (%s); delete it by hand.",
+                        lock_path(output), exc)
 
 
 def start_staging(staging: str, run_id: str, started_at: str) -> None:

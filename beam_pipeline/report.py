@@ -42,9 +42,15 @@ def load_run(output: str) -> dict:
             "--output folder of an `xai-audit run` (or run the audit first)."
         )
     try:
-        return runinfo.read_json(path)
+        run = runinfo.read_json(path)
     except (ValueError, OSError) as exc:
         raise ReportError(f"{path} could not be read as JSON ({exc}).") from None
+    if not isinstance(run, dict):
+        raise ReportError(
+            f"{path} holds a JSON {type(run).__name__}, not the JSON object an `xai-audit run` "
+            "writes; it is not a run manifest (restore it, or run the audit again)."
+        )
+    return run
 
 
 # --------------------------------------------------------------------------- assembly

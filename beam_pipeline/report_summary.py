@@ -319,6 +319,9 @@ def verdict(run: dict, metrics: Optional[dict]) -> dict:
     not_applied = [g.get("message", "") for g in gates if not g.get("applied", True)]
     if (run.get("tfma") or {}).get("error"):
         failed.insert(0, f"The sliced evaluation failed: {run['tfma']['error']}")
+    nothing = nothing_audited(counts)
+    if nothing:
+        failed.insert(0, nothing)
     caveats = []
     if counts.get("examples_unlabeled") and (run.get("data") or {}).get("labeled"):
         caveats.append(runinfo.unlabeled_sentence(counts))
@@ -327,6 +330,17 @@ def verdict(run: dict, metrics: Optional[dict]) -> dict:
     return {"status": status, "exit_code": run.get("exit_code"), "failed": failed,
             "passed": passed, "caveats": caveats, "not_applied": not_applied, "scope": scope,
             "gates": gates}
+
+
+def nothing_audited(counts: dict) -> Optional[str]:
+    """The headline of a run that audited no example: every figure below is missing, and why."""
+    if counts.get("examples_ok", 1) or not counts.get("examples_in"):
+        return None
+    reasons = ", ".join(f"{kind} {n}" for kind, n in
+                        sorted((counts.get("errors_by_type") or {}).items(), key=lambda kv: -kv[1]))
+    return (f"Nothing was audited: all {counts['examples_in']} examples failed "
+            f"({reasons or 'see errors/'}), so there are no metrics, maps or importances for "
+            "this model. The reasons per example are in errors/.")
 
 
 # --------------------------------------------------------------------------- other sections
@@ -343,6 +357,7 @@ def identity(run: dict) -> dict:
         "class_names": model.get("class_names") or [],
         "methods": model.get("methods") or [],
         "gradcam_layer": model.get("gradcam_layer"),
+        "model_caveats": model.get("caveats") or [],
         "data_uri": data.get("uri"),
         "data_kind": data.get("kind"),
         "data_fingerprint": data.get("fingerprint"),
@@ -392,8 +407,8 @@ def worst_slices(stats: Dict[str, SliceStats], columns: Sequence[str], limit: in
 def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
     """Per method, overall and per data slice: mask energy, its lift over the mask's area,
     pointing-game rate, IoU. None without masks."""
-    if not run.get("data", {}).get("has_masks"):
-        return None
+    if not run.get("data", {}).get("has_masks") or "overall" not in stats:
+        return None  # no masks, or nothing audited
     methods = run.get("model", {}).get("methods") or ["gradcam"]
     slice_columns = list(run.get("data", {}).get("slice_columns") or [])
     rows = []

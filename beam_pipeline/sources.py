@@ -434,7 +434,7 @@ def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
         length, length_crc = struct.unpack("<QI", header)
         if _masked_crc32c(header[:8]) != length_crc:
             raise _BrokenFraming("a record header fails its CRC (corrupt file)")
-        body = handle.read(length + 4)
+        body = _read_up_to(handle, length + 4)
         if len(body) != length + 4:
             raise _BrokenFraming("the file ends inside a record (truncated file)")
         data, data_crc = body[:length], struct.unpack("<I", body[length:])[0]
@@ -442,6 +442,22 @@ def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
             yield ExampleError("read", "corrupt_record", "The record's data fails its CRC check.")
         else:
             yield data
+
+
+_READ_CHUNK = 16 << 20
+
+
+def _read_up_to(handle, size: int) -> bytes:
+    """At most ``size`` bytes, read in chunks: a header claiming a 1 TB record (with a valid
+    CRC) must end in a short read at the end of the file, not one 1 TB allocation."""
+    chunks, remaining = [], size
+    while remaining > 0:
+        chunk = handle.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 def _feature_value(feature) -> Tuple[str, List[Any]]:

@@ -482,3 +482,14 @@ def test_empty_label_with_target_label_is_no_label_for_target(tmp_path, rng, mod
     attributions, errors, run = assert_outcomes(
         out, {"labeled": AUDITED, "unlabeled": err("no_label_for_target")})
     assert errors.set_index("example_id").loc["unlabeled", "stage"] == "explain"
+
+
+def test_a_record_header_claiming_a_terabyte_ends_the_file_as_truncated(tmp_path):
+    from beam_pipeline import sources
+
+    length = struct.pack("<Q", 1 << 40)  # 1 TB, with a valid CRC: only the read can tell
+    path = tmp_path / "huge.tfrecord"
+    path.write_bytes(length + struct.pack("<I", sources._masked_crc32c(length)) + b"a few bytes")
+    with open(path, "rb") as handle:  # a real file: read(1 TB) allocates it up front
+        with pytest.raises(sources._BrokenFraming, match="truncated"):
+            next(sources._read_records(handle))

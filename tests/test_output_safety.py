@@ -141,7 +141,7 @@ def test_a_run_killed_half_way_leaves_no_final_files_and_the_rerun_completes(tmp
     deadline = time.time() + 600
     while finalized is None and proc.poll() is None and time.time() < deadline:
         for rel in tree_names(out):
-            if "beam-temp" not in rel and not rel.endswith(outputs.MARKER):
+            if "beam-temp" not in rel and not rel.endswith((outputs.MARKER, outputs.LOCK_NAME)):
                 finalized = rel
                 break
         else:
@@ -152,19 +152,26 @@ def test_a_run_killed_half_way_leaves_no_final_files_and_the_rerun_completes(tmp
     assert finalized and finalized.startswith(outputs.STAGING_PREFIX), finalized
 
     left = tree_names(out)
-    assert left and all(rel.startswith(outputs.STAGING_PREFIX) for rel in left), left
+    assert left and all(rel.startswith(outputs.STAGING_PREFIX) or rel == outputs.LOCK_NAME
+                        for rel in left), left
     state = outputs.inspect_folder(str(out))
     assert state.outputs == [] and len(state.unfinished) == 1 and not state.finished_run
 
-    # The rerun needs no --overwrite: the leftovers are no run anyone can read; the log says so.
+    # The killed run's lock is stale: reported (exit 1, nothing touched), never silently taken.
+    assert os.path.exists(outputs.lock_path(str(out)))
+    assert cli.main(argv) == 1
+    assert tree_names(out) == left
+    # --overwrite takes the stale lock over; the leftovers are no run anyone can read, and the
+    # log says they are removed.
     lines = []
     collect = logging.Handler()
     collect.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("xai_audit").addHandler(collect)
     try:
-        assert cli.main(argv) == 0
+        assert cli.main(argv + ["--overwrite"]) == 0
     finally:
         logging.getLogger("xai_audit").removeHandler(collect)
+    assert any("stale lock" in line for line in lines), lines
     assert any("leftovers of an unfinished run" in line for line in lines), lines
     attributions, errors, run = read_outputs(out)
     assert_accounting(attributions, errors, pd.read_csv(manifest).id)
@@ -190,3 +197,96 @@ def test_the_demo_runs_twice_into_the_same_folder(tmp_path):
     assert len(manifest) == 25  # one truncated scan added once, not once per demo
     assert_accounting(attributions, errors, manifest.id)
     assert run["counts"]["examples_in"] == 25
+
+
+# --------------------------------------------------------------------------- one run per folder
+
+
+def _dead_pid():
+    """The pid of a process that has exited (and been reaped): no process has it now."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_held_lock_refuses_a_second_run_and_names_its_holder(tmp_path):
+    out = str(tmp_path / "out")
+    path = outputs.acquire_lock(out, "run-a", "2026-01-01T00:00:00Z", take_stale=False)
+    holder = json.loads(open(path).read())
+    assert holder["pid"] == os.getpid() and holder["run_id"] == "run-a" and holder["host"]
+    for take_stale in (False, True):  # a live holder is never taken over, not even --overwrite
+        with pytest.raises(outputs.OutputLockedError, match="in use by another xai-audit run") \
+                as info:
+            outputs.acquire_lock(out, "run-b", "now", take_stale=take_stale)
+        assert f"pid {os.getpid()}" in str(info.value) and "run-a" in str(info.value)
+    outputs.release_lock(out, "run-b")  # not its lock: stays
+    assert os.path.exists(path)
+    outputs.release_lock(out, "run-a")
+    assert not os.path.exists(path)
+    outputs.acquire_lock(out, "run-c", "now", take_stale=False)  # free again
+
+
+def test_a_stale_lock_is_reported_not_stolen_and_overwrite_takes_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"host": outputs.socket.gethostname(), "pid": _dead_pid(),
+             "started_at": "2026-01-01T00:00:00Z", "run_id": "killed"}
+    (out / outputs.LOCK_NAME).write_text(json.dumps(stale))
+    with pytest.raises(outputs.OutputLockedError) as info:
+        outputs.acquire_lock(str(out), "next", "now", take_stale=False)
+    text = str(info.value)
+    assert "no longer running" in text and "--overwrite" in text and outputs.LOCK_NAME in text
+    assert json.loads((out / outputs.LOCK_NAME).read_text()) == stale
+    outputs.acquire_lock(str(out), "next", "now", take_stale=True)
+    assert json.loads((out / outputs.LOCK_NAME).read_text())["run_id"] == "next"
+
+
+def test_a_lock_of_another_host_is_never_judged_stale():
+    assert not outputs.holder_is_gone({"host": "elsewhere", "pid": _dead_pid()})
+    assert not outputs.holder_is_gone({})
+    assert outputs.holder_is_gone({"host": outputs.socket.gethostname(), "pid": _dead_pid()})
+
+
+def test_a_run_started_while_another_holds_the_folder_is_refused_and_changes_nothing(
+        tmp_path, rng, capsys):
+    model = tmp_path / "model.keras"
+    gap_model(num_classes=3).save(model)
+    data = make_manifest(str(tmp_path / "data"), rng, n=4, masks=False)
+    out = tmp_path / "out"
+    # Run A: planning done, pipeline running (its lock and staging folder are in place).
+    outputs.acquire_lock(str(out), "run-a", "now", take_stale=False)
+    outputs.start_staging(outputs.staging_path(str(out), "run-a"), "run-a", "now")
+    before = tree(out)
+    argv = ["run", "--model", str(model), "--data", data, "--output", str(out)]
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert cli.main(argv + extra) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert "in use by another xai-audit run" in err and "run-a" in err
+        assert tree(out) == before  # run A's staging folder survives
+
+
+# --------------------------------------------------------------------------- --overwrite
+
+
+def test_overwrite_removes_only_the_files_a_run_writes(tmp_path):
+    out = tmp_path / "out"
+    run_files = ["run.json", "attributions/part-00000-of-00001.parquet",
+                 "errors/part-00000-of-00001.parquet", "tfma/metrics-00000-of-00001.tfrecord",
+                 "tfma/eval_config.json", "report/index.html", "report/summary.json",
+                 "importance_summary.parquet"]
+    users = ["report/notes.txt", "attributions/my_analysis.csv", "tfma/sub/metrics.txt",
+             "notes.txt"]
+    _state(str(out), *run_files, *users)
+    assert sorted(outputs.run_files(str(out))) == sorted(run_files)
+    with pytest.raises(outputs.OutputExistsError):
+        outputs.prepare_folder(str(out), overwrite=False)
+    outputs.prepare_folder(str(out), overwrite=True)
+    assert set(tree(out)) == set(users)
+
+
+def test_user_files_alone_in_output_folders_are_not_a_run(tmp_path):
+    out = tmp_path / "out"
+    _state(str(out), "report/notes.txt", "errors/why.md")
+    state = outputs.inspect_folder(str(out))
+    assert state.empty and not state.finished_run
