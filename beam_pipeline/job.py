@@ -56,6 +56,8 @@ class AuditRequest:
     unsafe_deserialization: bool = False
     image_size: Optional[str] = None
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = sources.DEFAULT_MAX_IMAGE_BYTES
+    read_timeout: float = sources.DEFAULT_READ_TIMEOUT_S
     map_size: int = 56
     gradcam_activation: str = "relu"
     smoothgrad_samples: int = 16
@@ -106,6 +108,13 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError("--max-error-rate is a fraction between 0 and 1.")
     if req.max_image_pixels < 1:
         raise OptionError("--max-image-pixels must be positive.")
+    if req.max_image_bytes < 1 or not req.read_timeout > 0:
+        raise OptionError("--max-image-bytes and --read-timeout must be positive.")
+    repeated = sorted({n for n in req.class_names or [] if req.class_names.count(n) > 1})
+    if repeated:
+        raise OptionError(
+            f"--class-names names {', '.join(repeated)} more than once; give each class index "
+            "its own name, in the model's index order.")
 
 
 def _class_names(req: AuditRequest, spec: sources.SourceSpec, num_classes: int) -> List[str]:
@@ -183,7 +192,8 @@ def plan_audit(req: AuditRequest) -> Plan:
     start = time.perf_counter()
     columns = sources.ColumnNames(req.image_column, req.label_column, req.mask_column, req.id_column)
     spec = sources.inspect_source(req.data, columns, req.slice_columns,
-                                  req.allow_paths_outside_data)
+                                  req.allow_paths_outside_data,
+                                  sources.ReadLimits(req.max_image_bytes, req.read_timeout))
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -221,7 +231,8 @@ def plan_audit(req: AuditRequest) -> Plan:
         sanity_sample=req.sanity_sample,
         seed=req.seed,
     )
-    # Fails early (exit 1) when a slice column clashes with an output column.
+    # Fails early (exit 1) when a slice column clashes with a TFMA feature or an output column.
+    evaluation.check_slice_columns(spec.slice_types)
     attribution_schema(spec.slice_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
     _plan_importance(req, plan)
