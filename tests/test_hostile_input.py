@@ -282,9 +282,9 @@ def test_a_score_column_stops_the_run_with_one_paragraph(tmp_path, rng, model3, 
                    tmp_path / "out2", "--slice-columns", "", *QUICK) == 0
 
 
-def test_repeated_class_names_are_refused(tmp_path, model3, capsys):
-    assert run_cli("run", "--model", model3, "--data", tmp_path, "--output", tmp_path / "o",
-                   "--class-names", "a,a,b") == 1
+def test_repeated_class_names_are_refused(tmp_path, folder_dataset, model3, capsys):
+    assert run_cli("run", "--model", model3, "--data", folder_dataset, "--output", tmp_path / "o",
+                   "--class-names", "a,a,b", *QUICK) == 1
     assert "--class-names names a more than once" in capsys.readouterr().err
 
 
