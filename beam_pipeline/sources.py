@@ -691,7 +691,7 @@ def _read_local(path: str, what: str, limits: ReadLimits, root: Optional[str]) -
 
 def _read_remote(path: str, what: str, limits: ReadLimits) -> bytes:
     try:
-        size = FileSystems.metadata(path).size_in_bytes
+        size = FileSystems.get_filesystem(path).metadata(path).size_in_bytes
         if size > limits.max_bytes:
             raise _too_large(path, what, f"{size:,}", limits)
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:

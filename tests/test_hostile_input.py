@@ -221,6 +221,19 @@ def test_manifest_symlinks_are_judged_by_where_they_lead(tmp_path, rng):
     assert sources.read_example_bytes(refs["l"], spec)[0]
 
 
+def test_remote_reads_are_size_bounded_from_metadata(tmp_path, monkeypatch):
+    monkeypatch.setenv(testfs.ROOT_ENV, str(tmp_path))
+    os.makedirs(tmp_path / "bucket")
+    (tmp_path / "bucket" / "x.png").write_bytes(b"x" * 100)
+    assert len(sources.read_file("testfs://bucket/x.png", "image")) == 100
+    with pytest.raises(ExampleError) as caught:
+        sources.read_file("testfs://bucket/x.png", "image", sources.ReadLimits(max_bytes=99))
+    assert caught.value.error_type == "file_too_large"
+    with pytest.raises(ExampleError) as caught:
+        sources.read_file("testfs://bucket/absent.png", "mask")
+    assert caught.value.error_type == "missing_mask"
+
+
 def test_a_hanging_file_system_read_is_abandoned(release_hangs):
     with pytest.raises(ExampleError) as caught:
         sources.read_file("hangfs://bucket/x.png", "image", sources.ReadLimits(timeout_s=0.2))
