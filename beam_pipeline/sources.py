@@ -242,13 +242,53 @@ def _text_columns(columns: ColumnNames) -> Tuple[str, ...]:
     return (columns.id, columns.image, columns.mask)
 
 
+_BOOL_WORDS = {"True": True, "False": False, "true": True, "false": False, "TRUE": True,
+               "FALSE": False}
+
+
+def _reads_back(text: str) -> Tuple[bool, bool]:
+    """(is an integer written as Python writes it, is a number written as Python writes it)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return False, False
+    try:
+        if str(int(text)) == text:
+            return abs(int(text)) < 2 ** 63, True  # beyond int64: a float, as pandas makes it
+    except ValueError:
+        pass
+    return False, repr(number) == text
+
+
+def _typed_slice(values: pd.Series) -> pd.Series:
+    """A CSV slice column read as text, made numeric or boolean only when no value changes by it:
+    ``007``, ``+7`` or ``1.50`` keep the column text (pandas would make 7 and 1.5), integers with
+    gaps stay integers (pandas would make 7.0)."""
+    present = values.dropna()
+    if present.empty:
+        return values.astype("float64")  # all missing: as pandas types it
+    if present.isin(list(_BOOL_WORDS)).all() and len(present) == len(values):
+        return values.map(_BOOL_WORDS).astype(bool)
+    kinds = [_reads_back(v) for v in present]
+    if all(is_int for is_int, _ in kinds):
+        return pd.to_numeric(values).astype("Int64")
+    if all(is_number for _, is_number in kinds):
+        return values.astype("float64")
+    return values
+
+
 def _read_csv(data: bytes, columns: ColumnNames) -> pd.DataFrame:
     header = pd.read_csv(io.BytesIO(data), nrows=0).columns
     text = [c for c in header if c in _text_columns(columns)]
     # Pandas' usual missing-value words ("", NA, null, ...) everywhere but the text columns.
     na_values = {c: sorted(pd._libs.parsers.STR_NA_VALUES) for c in header if c not in text}
-    return pd.read_csv(io.BytesIO(data), dtype={c: str for c in text}, keep_default_na=False,
-                       na_values=na_values)
+    # Everything but the label (whose parsing is the label reader's business) is read as text.
+    frame = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=na_values,
+                        dtype={c: str for c in header if c != columns.label})
+    for c in header:
+        if c not in text and c != columns.label:
+            frame[c] = _typed_slice(frame[c])
+    return frame
 
 
 def _read_parquet(data: bytes, columns: ColumnNames) -> pd.DataFrame:

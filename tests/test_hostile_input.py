@@ -257,6 +257,20 @@ def test_csv_and_parquet_ids_are_read_as_text(tmp_path):
         "x", None, None, "z"]  # slices keep pandas' missing words
 
 
+def test_csv_slices_are_typed_only_when_no_value_changes(tmp_path):
+    pd.DataFrame({"image": ["a.png", "b.png"], "zip": ["007", "7"], "version": ["1.50", "1.5"],
+                  "count": ["3", ""], "ratio": ["0.5", "2"], "flag": ["True", "False"],
+                  "big": ["99999999999999999999", "1"]}).to_csv(tmp_path / "m.csv", index=False)
+    spec = sources.inspect_source(str(tmp_path / "m.csv"), sources.ColumnNames())
+    assert spec.slice_types == {"zip": "string", "version": "string", "count": "int64",
+                                "ratio": "float64", "flag": "bool", "big": "float64"}
+    first, second = [r.slices for r in sources.iter_refs(spec)]
+    assert (first["zip"], second["zip"]) == ("007", "7")
+    assert (first["version"], second["version"]) == ("1.50", "1.5")
+    assert (first["count"], second["count"]) == (3, None)
+    assert (first["ratio"], first["flag"]) == (0.5, True)
+
+
 def test_data_that_is_no_folder_says_what_it_is(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     os.symlink("loop", tmp_path / "loop")
