@@ -108,8 +108,10 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError("--max-error-rate is a fraction between 0 and 1.")
     if req.max_image_pixels < 1:
         raise OptionError("--max-image-pixels must be positive.")
-    if req.max_image_bytes < 1 or not req.read_timeout > 0:
-        raise OptionError("--max-image-bytes and --read-timeout must be positive.")
+    if req.max_image_bytes < 1:
+        raise OptionError("--max-image-bytes must be positive.")
+    if not 0 < req.read_timeout <= 86400:  # also refuses nan and inf
+        raise OptionError("--read-timeout is a number of seconds above 0 and at most 86400.")
     repeated = sorted({n for n in req.class_names or [] if req.class_names.count(n) > 1})
     if repeated:
         raise OptionError(
@@ -194,6 +196,7 @@ def plan_audit(req: AuditRequest) -> Plan:
     spec = sources.inspect_source(req.data, columns, req.slice_columns,
                                   req.allow_paths_outside_data,
                                   sources.ReadLimits(req.max_image_bytes, req.read_timeout))
+    evaluation.check_slice_columns(spec.slice_types)  # before loading the model: exit 1 fast
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -231,8 +234,7 @@ def plan_audit(req: AuditRequest) -> Plan:
         sanity_sample=req.sanity_sample,
         seed=req.seed,
     )
-    # Fails early (exit 1) when a slice column clashes with a TFMA feature or an output column.
-    evaluation.check_slice_columns(spec.slice_types)
+    # Fails early (exit 1) when a slice column clashes with an output column.
     attribution_schema(spec.slice_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
     _plan_importance(req, plan)

@@ -163,17 +163,26 @@ def _list_local_class_folders(root: str) -> List[Tuple[str, str, int]]:
     """Every non-hidden entry one level below the class folders, whatever it is: broken
     symlinks, loops, FIFOs and subfolders are listed too, and become error rows when read."""
     found = []
-    for cls in sorted(os.scandir(root), key=lambda e: e.name):
+    for cls in sorted(_scandir(root), key=lambda e: e.name):
         if cls.name.startswith(HIDDEN_PREFIXES) or not cls.is_dir():
             continue
         if _is_audit_output(cls.path):
             LOG.warning("xai-audit: %s holds an audit's outputs (run.json or .incomplete-*), "
                         "not a class; it is left out of the data.", cls.path)
             continue
-        for entry in os.scandir(cls.path):
+        for entry in _scandir(cls.path):
             if not entry.name.startswith(HIDDEN_PREFIXES):
                 found.append((cls.name, entry.path, _entry_size(entry.path)))
     return found
+
+
+def _scandir(folder: str) -> List[os.DirEntry]:
+    try:
+        return list(os.scandir(folder))
+    except OSError as exc:
+        raise DataSourceError(
+            f"The data folder {folder} cannot be listed ({exc.strerror}); give the audit read "
+            "access to it, or move it out of the data.") from None
 
 
 def _list_class_folders(root: str) -> List[Tuple[str, str, int]]:

@@ -315,6 +315,14 @@ def test_repeated_class_names_are_refused(tmp_path, folder_dataset, model3, caps
     assert "--class-names names a more than once" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [("--read-timeout", "0"), ("--read-timeout", "nan"),
+                                    ("--read-timeout", "inf"), ("--max-image-bytes", "0")])
+def test_reading_bounds_must_be_sane(tmp_path, folder_dataset, model3, capsys, option):
+    assert run_cli("run", "--model", model3, "--data", folder_dataset, "--output", tmp_path / "o",
+                   *option) == 1
+    assert option[0] in capsys.readouterr().err
+
+
 def test_visible_controls():
     from markupsafe import Markup
 
