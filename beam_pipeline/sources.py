@@ -34,14 +34,21 @@ LOG = logging.getLogger("xai_audit")
 HIDDEN_PREFIXES = (".", "_")
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024  # far above any real image; far below a worker's RAM
 DEFAULT_READ_TIMEOUT_S = 60.0  # one image or mask file, retries of the file system included
+# After this many reads in a row from one file system time out, the next ones are not tried: a
+# thousand gs:// rows of an offline run cost three timeouts, not a thousand.
+TIMEOUTS_BEFORE_GIVING_UP = 3
 
 
-@dataclass(frozen=True)
+@dataclass
 class ReadLimits:
-    """Bounds on reading one image or mask file (--max-image-bytes, --read-timeout)."""
+    """Bounds on reading one image or mask file (--max-image-bytes, --read-timeout).
+
+    ``timeouts_in_a_row`` counts, per file system scheme, the reads that timed out since the last
+    one that did not; each worker's copy (the spec is pickled to it) counts its own reads."""
 
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    timeouts_in_a_row: Dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -626,7 +633,7 @@ def iter_tfrecord_refs(
 
 def inspect_source(
     uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]] = None,
-    allow_paths_outside_data: bool = False, limits: ReadLimits = ReadLimits(),
+    allow_paths_outside_data: bool = False, limits: Optional[ReadLimits] = None,
 ) -> SourceSpec:
     """Validate the data URI on the launcher and describe it (raises DataSourceError)."""
     kind = source_kind(uri)
@@ -641,7 +648,7 @@ def inspect_source(
     else:
         spec = _inspect_folders(uri, columns)
     spec.allow_paths_outside_data = allow_paths_outside_data
-    spec.limits = limits
+    spec.limits = limits or ReadLimits()
     return spec
 
 
@@ -784,11 +791,32 @@ def _within(timeout_s: float, call, path: str, what: str) -> bytes:
     return box["data"]
 
 
-def read_file(path: str, what: str, limits: ReadLimits = ReadLimits(),
+def _scheme(path: str) -> str:
+    return path.split("://", 1)[0] + "://" if "://" in path else "local files"
+
+
+def read_file(path: str, what: str, limits: Optional[ReadLimits] = None,
               root: Optional[str] = None) -> bytes:
     """One image or mask file, bounded by ``limits``; only a regular file is read, and with
     ``root`` (a local data folder) only when it lies in it once symlinks are resolved.
     Raises ExampleError (stage read) naming what is wrong."""
+    limits = limits or ReadLimits()
+    scheme = _scheme(path)
+    if limits.timeouts_in_a_row.get(scheme, 0) >= TIMEOUTS_BEFORE_GIVING_UP:
+        raise ExampleError(
+            "read", "read_timeout",
+            f"The {what} file {path} was not read: the last {TIMEOUTS_BEFORE_GIVING_UP} reads "
+            f"from {scheme} on this worker each took longer than {limits.timeout_s:g} s "
+            "(--read-timeout). Check that the file system is reachable and authorized.")
     if "://" in path:
-        return _within(limits.timeout_s, lambda: _read_remote(path, what, limits), path, what)
-    return _within(limits.timeout_s, lambda: _read_local(path, what, limits, root), path, what)
+        call = lambda: _read_remote(path, what, limits)  # noqa: E731
+    else:
+        call = lambda: _read_local(path, what, limits, root)  # noqa: E731
+    try:
+        data = _within(limits.timeout_s, call, path, what)
+    except ExampleError as exc:
+        if exc.error_type == "read_timeout":
+            limits.timeouts_in_a_row[scheme] = limits.timeouts_in_a_row.get(scheme, 0) + 1
+        raise
+    limits.timeouts_in_a_row[scheme] = 0
+    return data

@@ -240,6 +240,22 @@ def test_a_hanging_file_system_read_is_abandoned(release_hangs):
     assert caught.value.error_type == "read_timeout"
 
 
+def test_a_file_system_that_keeps_timing_out_is_given_up(tmp_path, monkeypatch, release_hangs):
+    monkeypatch.setenv(testfs.ROOT_ENV, str(tmp_path))
+    os.makedirs(tmp_path / "bucket")
+    (tmp_path / "bucket" / "ok.png").write_bytes(b"x")
+    limits = sources.ReadLimits(timeout_s=0.1)
+    messages = []
+    for i in range(sources.TIMEOUTS_BEFORE_GIVING_UP + 2):
+        with pytest.raises(ExampleError) as caught:
+            sources.read_file(f"hangfs://bucket/{i}.png", "image", limits)
+        assert caught.value.error_type == "read_timeout"
+        messages.append(caught.value.message)
+    assert all("took longer" in m for m in messages[:sources.TIMEOUTS_BEFORE_GIVING_UP])
+    assert all("was not read" in m for m in messages[sources.TIMEOUTS_BEFORE_GIVING_UP:])
+    assert sources.read_file("testfs://bucket/ok.png", "image", limits) == b"x"  # other schemes
+
+
 def test_csv_and_parquet_ids_are_read_as_text(tmp_path):
     pd.DataFrame({"id": ["007", "7", "0", "", "1e3"], "image": ["a.png"] * 5,
                   "site": ["x", "NA", "", "y", "z"]}).to_csv(tmp_path / "m.csv", index=False)
