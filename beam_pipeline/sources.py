@@ -171,16 +171,36 @@ def _list_local_class_folders(root: str) -> List[Tuple[str, str, int]]:
     symlinks, loops, FIFOs and subfolders are listed too, and become error rows when read."""
     found = []
     for cls in sorted(_scandir(root), key=lambda e: e.name):
-        if cls.name.startswith(HIDDEN_PREFIXES) or not cls.is_dir():
+        if cls.name.startswith(HIDDEN_PREFIXES) or _skip_output(cls.path):
             continue
-        if _is_audit_output(cls.path):
-            LOG.warning("xai-audit: %s holds an audit's outputs (run.json or .incomplete-*), "
-                        "not a class; it is left out of the data.", cls.path)
+        if not _is_dir_entry(cls):
+            if cls.is_symlink():  # perhaps a class folder elsewhere: say why it is not read
+                LOG.warning("xai-audit: %s is %s, not a class folder; it is left out of the "
+                            "data.", cls.path, _special_kind(cls.path) or "a link to a file")
             continue
         for entry in _scandir(cls.path):
-            if not entry.name.startswith(HIDDEN_PREFIXES):
-                found.append((cls.name, entry.path, _entry_size(entry.path)))
+            if entry.name.startswith(HIDDEN_PREFIXES):
+                continue
+            if _is_dir_entry(entry) and _skip_output(entry.path):
+                continue
+            found.append((cls.name, entry.path, _entry_size(entry.path)))
     return found
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop
+        return False
+
+
+def _skip_output(folder: str) -> bool:
+    """An --output placed inside the data is neither a class nor an example (logged)."""
+    if not _is_audit_output(folder):
+        return False
+    LOG.warning("xai-audit: %s holds an audit's outputs (run.json or .incomplete-*); it is left "
+                "out of the data.", folder)
+    return True
 
 
 def _scandir(folder: str) -> List[os.DirEntry]:

@@ -113,6 +113,8 @@ def build_hostile_folders(tmp_path, rng):
     # An earlier audit's --output inside the data: not a fourth class.
     os.makedirs(root / "audit-out")
     (root / "audit-out" / "run.json").write_text("{}")
+    os.makedirs(root / "b" / "audit-in-class" / ".incomplete-123")  # nor an example of class b
+    os.symlink("toplevel-loop", root / "toplevel-loop")  # no class (and no traceback)
     return str(root), expected
 
 
