@@ -488,12 +488,19 @@ def _masked_crc32c(data: bytes) -> int:
 
 
 class _BrokenFraming(Exception):
-    """The record's length header is unreadable: nothing after it in the file can be trusted."""
+    """The record's length header is unreadable (or unreadably large): nothing after it in the
+    file can be located."""
+
+    def __init__(self, message: str, error_type: str = "truncated_file"):
+        super().__init__(message)
+        self.error_type = error_type
 
 
-def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
+def _read_records(handle, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                  ) -> Iterator[Union[bytes, ExampleError]]:
     """Records of a TFRecord file; a record with a bad data CRC yields an ExampleError and the
-    reader moves on; a bad or short length header ends the file with _BrokenFraming."""
+    reader moves on; a bad or short length header, or a length above ``max_bytes`` (never
+    allocated), ends the file with _BrokenFraming."""
     while True:
         header = handle.read(12)
         if not header:
@@ -503,6 +510,9 @@ def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
         length, length_crc = struct.unpack("<QI", header)
         if _masked_crc32c(header[:8]) != length_crc:
             raise _BrokenFraming("a record header fails its CRC (corrupt file)")
+        if length > max_bytes:
+            raise _BrokenFraming(f"the record is {length:,} bytes, above the limit of "
+                                 f"{max_bytes:,} (--max-image-bytes)", "file_too_large")
         body = handle.read(length + 4)
         if len(body) != length + 4:
             raise _BrokenFraming("the file ends inside a record (truncated file)")
@@ -613,7 +623,7 @@ def iter_tfrecord_refs(
 
     try:
         with FileSystems.open(path) as handle:
-            for index, record in enumerate(_read_records(handle)):
+            for index, record in enumerate(_read_records(handle, spec.limits.max_bytes)):
                 position = f"{file_id}:{index}"
                 if isinstance(record, ExampleError):
                     yield error_row(position, f"{path}:{index}", record.stage, record.error_type,
@@ -643,7 +653,7 @@ def iter_tfrecord_refs(
                 )
     except _BrokenFraming as exc:
         position = f"{file_id}:{index + 1}"
-        yield error_row(position, f"{path}:{index + 1}", "read", "truncated_file",
+        yield error_row(position, f"{path}:{index + 1}", "read", exc.error_type,
                         f"Reading stopped at record {index + 1}: {exc}. Records after it, if any, "
                         "cannot be located.")
 

@@ -258,6 +258,24 @@ def test_a_file_system_that_keeps_timing_out_is_given_up(tmp_path, monkeypatch, 
     assert sources.read_file("testfs://bucket/ok.png", "image", limits) == b"x"  # other schemes
 
 
+def test_a_tfrecord_length_header_claiming_a_terabyte_is_not_allocated(tmp_path, rng):
+    import tensorflow as tf
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    example = tf.train.Example(features=tf.train.Features(feature={"image": tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[png_bytes(random_image(rng))]))}))
+    path = str(tmp_path / "d.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(example.SerializeToString())
+    length = struct.pack("<Q", 2 ** 40)
+    with open(path, "ab") as handle:  # a valid header (its CRC checks) for a 1 TB record
+        handle.write(length + struct.pack("<I", _TFRecordUtil._masked_crc32c(length)) + b"x" * 64)
+    spec = sources.inspect_source(path, sources.ColumnNames())
+    rows = list(sources.iter_tfrecord_refs(spec, path, "d.tfrecord"))
+    assert isinstance(rows[0], sources.ExampleRef)
+    assert rows[1]["error_type"] == "file_too_large" and "--max-image-bytes" in rows[1]["message"]
+
+
 def test_csv_and_parquet_ids_are_read_as_text(tmp_path):
     pd.DataFrame({"id": ["007", "7", "0", "", "1e3"], "image": ["a.png"] * 5,
                   "site": ["x", "NA", "", "y", "z"]}).to_csv(tmp_path / "m.csv", index=False)
