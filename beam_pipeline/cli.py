@@ -91,6 +91,7 @@ def _add_beam_help(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(run: argparse.ArgumentParser) -> None:
     from .decode import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_MODES
+    from .sources import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT_S
 
     run.add_argument("--model", required=True, type=_path,
                      help=".keras, .h5, or a SavedModel directory")
@@ -174,6 +175,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                           "is an error row (path_outside_data)")
     run.add_argument("--max-image-pixels", type=_int_at_least(1), default=DEFAULT_MAX_IMAGE_PIXELS,
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
+    run.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help="refuse image/mask files above this many bytes, from their size before "
+                          f"reading (file_too_large) [{DEFAULT_MAX_IMAGE_BYTES}]")
+    run.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                     help="seconds one image/mask read may take, file system retries included, "
+                          f"before it is an error row (read_timeout) [{DEFAULT_READ_TIMEOUT_S:g}]")
     run.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --output (only the files a run writes are "
                           "removed first) and take over the lock a killed run left; without it "
@@ -272,7 +279,8 @@ def _request_from_args(args) -> "AuditRequest":
         preprocess=args.preprocess, methods=args.methods, layer=args.layer, target=args.target,
         batch_size=args.batch_size, seed=args.seed, max_error_rate=args.max_error_rate,
         unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
-        max_image_pixels=args.max_image_pixels, tfma_config=args.tfma_config,
+        max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
+        read_timeout=args.read_timeout, tfma_config=args.tfma_config,
         confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
         min_slice_size=args.min_slice_size, baseline_gates=args.baseline_gates == "on",
         permutation_features=args.permutation_features, map_size=args.map_size,

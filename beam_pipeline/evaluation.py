@@ -29,10 +29,26 @@ DERIVED_SLICES = (PREDICTION_CORRECT, ATTENTION_ON_MASK)
 # attention_on_mask buckets the share of Grad-CAM mass on the mask relative to the mask's share
 # of the image (1 = attention spread evenly, no preference for the annotated region).
 ATTENTION_EDGES = (1.0, 1.5)
+# The feature keys the job gives TFMA (tfma_features): a data column of one of these names would
+# silently replace the model's score or a derived slice.
+TFMA_FEATURE_KEYS = (LABEL, SCORE, PROBABILITIES, *DERIVED_SLICES)
 
 
 class EvaluationError(AuditError):
     """TFMA ran but produced nothing usable (e.g. no metrics at all)."""
+
+
+def check_slice_columns(slice_columns: Iterable[str]) -> None:
+    """Refuse data columns that would take the place of a feature the job computes (OptionError)."""
+    clash = sorted(set(slice_columns) & set(TFMA_FEATURE_KEYS))
+    if clash:
+        raise OptionError(
+            f"The data has column(s) {', '.join(clash)} among its slice columns: a name the "
+            f"audit gives its own metric features ({', '.join(TFMA_FEATURE_KEYS)}), so the "
+            "column would silently replace the model's score, label or derived slices in the "
+            "metrics. Rename the column in the "
+            "data, or list the slice columns to keep with --slice-columns (or name it as the "
+            "label/id/image/mask with --label-column etc. if it is one of those).")
 
 
 # --------------------------------------------------------------------------- configuration

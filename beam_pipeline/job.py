@@ -58,6 +58,8 @@ class AuditRequest:
     unsafe_deserialization: bool = False
     image_size: Optional[str] = None
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = sources.DEFAULT_MAX_IMAGE_BYTES
+    read_timeout: float = sources.DEFAULT_READ_TIMEOUT_S
     map_size: int = 56
     gradcam_activation: str = "relu"
     smoothgrad_samples: int = 16
@@ -113,6 +115,15 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError("--max-image-pixels must be positive.")
     if req.min_slice_size < 0:
         raise OptionError("--min-slice-size must be 0 or more.")
+    if req.max_image_bytes < 1:
+        raise OptionError("--max-image-bytes must be positive.")
+    if not 0 < req.read_timeout <= 86400:  # also refuses nan and inf
+        raise OptionError("--read-timeout is a number of seconds above 0 and at most 86400.")
+    repeated = sorted({n for n in req.class_names or [] if req.class_names.count(n) > 1})
+    if repeated:
+        raise OptionError(
+            f"--class-names names {', '.join(repeated)} more than once; give each class index "
+            "its own name, in the model's index order.")
 
 
 def _class_names(req: AuditRequest, spec: sources.SourceSpec, num_classes: int) -> List[str]:
@@ -191,9 +202,11 @@ def plan_audit(req: AuditRequest) -> Plan:
     columns = sources.ColumnNames(req.image_column, req.label_column, req.mask_column, req.id_column)
     spec = sources.inspect_source(req.data, columns, req.slice_columns,
                                   req.allow_paths_outside_data,
-                                  sources.parse_slice_bins(req.slice_bins))
+                                  sources.parse_slice_bins(req.slice_bins),
+                                  sources.ReadLimits(req.max_image_bytes, req.read_timeout))
     if spec.skipped_slices:
         LOG.warning("%s", sources.skipped_slices_sentence(spec.skipped_slices))
+    evaluation.check_slice_columns(spec.slice_types)  # before loading the model: exit 1 fast
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

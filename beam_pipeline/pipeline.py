@@ -122,7 +122,7 @@ class KeepOnePerId(beam.DoFn):
 
 def decode_ref(ref: ExampleRef, config: AuditConfig) -> DecodedExample:
     """Read and decode one example (raises ExampleError)."""
-    image_bytes, mask_bytes = sources.read_example_bytes(ref)
+    image_bytes, mask_bytes = sources.read_example_bytes(ref, config.source)
     return decode.decode_example(ref, config.image_spec, config.class_names, image_bytes,
                                  mask_bytes, labeled=config.labeled)
 

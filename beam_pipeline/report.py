@@ -186,6 +186,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=report_text.visible_controls,  # no display spoofing by bidi controls
     )
     env.filters["fmt"] = _fmt
     env.filters["pct"] = report_text.pct

@@ -119,8 +119,13 @@ def _source_spec(run: dict) -> sources.SourceSpec:
                                   options.get("label_column", "label"),
                                   options.get("mask_column", "mask"),
                                   options.get("id_column", "id"))
-    # Only the images are needed: no slice column (a binned one is not in the data).
-    return sources.inspect_source(run["data"]["uri"], columns, [])
+    # The run's own reading bounds and outside-the-data rule (older runs: the defaults). Only
+    # the images are needed: no slice column (a binned one is not in the data).
+    limits = sources.ReadLimits(
+        options.get("max_image_bytes") or sources.DEFAULT_MAX_IMAGE_BYTES,
+        options.get("read_timeout") or sources.DEFAULT_READ_TIMEOUT_S)
+    return sources.inspect_source(run["data"]["uri"], columns, [],
+                                  bool(options.get("allow_paths_outside_data")), limits=limits)
 
 
 def _iter_source_refs(spec: sources.SourceSpec):
@@ -146,7 +151,7 @@ def read_images(run: dict, wanted: Set[str]):
             if ref.example_id not in wanted:
                 continue
             try:
-                image_bytes, mask_bytes = sources.read_example_bytes(ref)
+                image_bytes, mask_bytes = sources.read_example_bytes(ref, source)
                 pixels = decode.decode_image(image_bytes, spec)
                 mask = decode.decode_mask(mask_bytes, spec) if mask_bytes else None
                 images[ref.example_id] = (pixels, mask)

@@ -1,9 +1,25 @@
 """The report's words: findings generated from the figures (worst slice, where attention misses
 the annotated region, what matters most, failed sanity checks, failed examples), method notes
-and limitations, and the one-line notes of sections that have no input."""
+and limitations, the one-line notes of sections that have no input, and ``visible_controls``,
+which every value shown in the HTML passes through."""
+import re
 from typing import Dict, List, Optional
 
 from .report_summary import METHOD_NAMES, as_number
+
+# Unicode bidirectional controls (embeddings, overrides, isolates, marks): in an id, path or slice
+# value they make text display in another order than it is written (``exe.png`` shown for
+# ``gnp.exe``), so the report shows each as a visible code instead of obeying it.
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible_controls(value):
+    """``value`` with every bidi control shown as ``[U+202E]``; other values unchanged. HTML-safe
+    text (Markup) stays HTML-safe: the replacement holds no markup characters."""
+    if not isinstance(value, str) or not _BIDI_CONTROLS.search(value):
+        return value
+    shown = _BIDI_CONTROLS.sub(lambda m: f"[U+{ord(m.group()):04X}]", str(value))
+    return type(value)(shown) if type(value) is not str else shown
 
 def pct(value: Optional[float]) -> str:
     if value is None:

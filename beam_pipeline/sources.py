@@ -6,13 +6,19 @@ not sliced; ``--slice-bins`` adds binned slices), and fingerprints the data. It 
 The pipeline then enumerates ``ExampleRef``s from that spec on the workers (``iter_refs``,
 ``iter_tfrecord_refs``), so the example list never travels inside the pipeline graph.
 
-All file access goes through Beam's ``FileSystems``, so ``gs://`` works unchanged.
+All file access goes through Beam's ``FileSystems``, so ``gs://`` works unchanged. Every example
+read is bounded (``ReadLimits``): only regular files, a size checked from metadata before reading,
+and a time limit; symlinks are resolved before the outside-the-data check.
 """
+import errno
 import hashlib
 import io
+import logging
 import os
 import posixpath
+import stat
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -22,8 +28,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from .errors import DataSourceError, ExampleError, OptionError
+from .outputs import RUN_JSON, STAGING_PREFIX
 from .records import ExampleRef, error_row
 
+LOG = logging.getLogger("xai_audit")
 HIDDEN_PREFIXES = (".", "_")
 # A column with more distinct values than this (a continuous number, a timestamp, an id) is not
 # a slice by default: it would make slices of one or two examples whose metric "gaps" mean
@@ -34,6 +42,23 @@ MAX_SLICE_VALUES = 50
 TFRECORD_SLICE_SCAN = 2000
 BIN_SUFFIX = "_bin"  # --slice-bins age=... slices on the column age_bin
 OUT_OF_RANGE_BIN = "out_of_range"  # a value outside every bin (a missing value stays null)
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024  # far above any real image; far below a worker's RAM
+DEFAULT_READ_TIMEOUT_S = 60.0  # one image or mask file, retries of the file system included
+# After this many reads in a row from one file system time out, the next ones are not tried: a
+# thousand gs:// rows of an offline run cost three timeouts, not a thousand.
+TIMEOUTS_BEFORE_GIVING_UP = 3
+
+
+@dataclass
+class ReadLimits:
+    """Bounds on reading one image or mask file (--max-image-bytes, --read-timeout).
+
+    ``timeouts_in_a_row`` counts, per file system scheme, the reads that timed out since the last
+    one that did not; each worker's copy (the spec is pickled to it) counts its own reads."""
+
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    timeouts_in_a_row: Dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -64,8 +89,15 @@ class SourceSpec:
     fingerprint: str = ""
     examples_expected: Optional[int] = None  # known up front for folders and manifests
     # Manifest paths that resolve outside the manifest's folder (``../x.png``, an absolute path,
-    # another bucket) are error rows unless the user opts in (--allow-paths-outside-data).
+    # another bucket) are error rows unless the user opts in (--allow-paths-outside-data). Local
+    # symlinks (manifest paths and class-folder entries) are judged by where they lead.
     allow_paths_outside_data: bool = False
+    limits: ReadLimits = field(default_factory=ReadLimits)
+
+    @property
+    def data_root(self) -> str:
+        """The folder every example file must lie in (unless allow_paths_outside_data)."""
+        return self.uri if self.kind == "folders" else _parent(self.uri)
 
     @property
     def column_types(self) -> Dict[str, str]:
@@ -231,8 +263,74 @@ def source_kind(uri: str) -> str:
 # --------------------------------------------------------------------------- class folders
 
 
+def _is_audit_output(folder: str) -> bool:
+    """A folder holding an xai-audit run (run.json) or an unfinished one (.incomplete-*): an
+    --output placed inside the data, never a class."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return RUN_JSON in names or any(n.startswith(STAGING_PREFIX) for n in names)
+
+
+def _entry_size(path: str) -> int:
+    """Size for the fingerprint: the target's, or the link's own when it cannot be followed."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return os.lstat(path).st_size
+
+
+def _list_local_class_folders(root: str) -> List[Tuple[str, str, int]]:
+    """Every non-hidden entry one level below the class folders, whatever it is: broken
+    symlinks, loops, FIFOs and subfolders are listed too, and become error rows when read."""
+    found = []
+    for cls in sorted(_scandir(root), key=lambda e: e.name):
+        if cls.name.startswith(HIDDEN_PREFIXES) or _skip_output(cls.path):
+            continue
+        if not _is_dir_entry(cls):
+            if cls.is_symlink():  # perhaps a class folder elsewhere: say why it is not read
+                LOG.warning("xai-audit: %s is %s, not a class folder; it is left out of the "
+                            "data.", cls.path, _special_kind(cls.path) or "a link to a file")
+            continue
+        for entry in _scandir(cls.path):
+            if entry.name.startswith(HIDDEN_PREFIXES):
+                continue
+            if _is_dir_entry(entry) and _skip_output(entry.path):
+                continue
+            found.append((cls.name, entry.path, _entry_size(entry.path)))
+    return found
+
+
+def _is_dir_entry(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop
+        return False
+
+
+def _skip_output(folder: str) -> bool:
+    """An --output placed inside the data is neither a class nor an example (logged)."""
+    if not _is_audit_output(folder):
+        return False
+    LOG.warning("xai-audit: %s holds an audit's outputs (run.json or .incomplete-*); it is left "
+                "out of the data.", folder)
+    return True
+
+
+def _scandir(folder: str) -> List[os.DirEntry]:
+    try:
+        return list(os.scandir(folder))
+    except OSError as exc:
+        raise DataSourceError(
+            f"The data folder {folder} cannot be listed ({exc.strerror}); give the audit read "
+            "access to it, or move it out of the data.") from None
+
+
 def _list_class_folders(root: str) -> List[Tuple[str, str, int]]:
     """(class name, file path, size) for every non-hidden file one level below the class folders."""
+    if "://" not in root:
+        return sorted(_list_local_class_folders(root), key=lambda item: item[1])
     pattern = FileSystems.join(root.rstrip("/"), "*", "*")
     found = []
     for meta in FileSystems.match([pattern])[0].metadata_list:
@@ -244,12 +342,21 @@ def _list_class_folders(root: str) -> List[Tuple[str, str, int]]:
     return sorted(found, key=lambda item: item[1])
 
 
+def _not_a_folder_error(uri: str) -> DataSourceError:
+    """--data that is no folder: say what it is rather than "does not exist"."""
+    advice = ("Give a folder of class subfolders, a manifest .csv/.parquet, or a TFRecord glob "
+              "(*.tfrecord).")
+    if "://" not in uri and os.path.lexists(uri):
+        what = _special_kind(uri)
+        if what is None:
+            what = "a file, not a folder"
+        return DataSourceError(f"--data {uri} is {what}. {advice}")
+    return DataSourceError(f"--data {uri} does not exist. {advice}")
+
+
 def _inspect_folders(uri: str, columns: ColumnNames) -> SourceSpec:
     if not _is_dir(uri):
-        raise DataSourceError(
-            f"--data {uri} does not exist. Give a folder of class subfolders, a manifest "
-            ".csv/.parquet, or a TFRecord glob."
-        )
+        raise _not_a_folder_error(uri)
     files = _list_class_folders(uri)
     if not files:
         raise DataSourceError(
@@ -280,15 +387,86 @@ def _iter_folder_refs(spec: SourceSpec) -> Iterator[ExampleRef]:
 # --------------------------------------------------------------------------- manifests
 
 
-def _read_manifest(uri: str) -> pd.DataFrame:
+def _text_columns(columns: ColumnNames) -> Tuple[str, ...]:
+    """Columns read as text exactly as written: ids (``007`` is not ``7``, ``0`` not ``0.0``, an
+    empty id not ``nan``) and paths (a file named ``1e3`` is not ``1000.0``)."""
+    return (columns.id, columns.image, columns.mask)
+
+
+_BOOL_WORDS = {"True": True, "False": False, "true": True, "false": False, "TRUE": True,
+               "FALSE": False}
+
+
+def _reads_back(text: str) -> Tuple[bool, bool]:
+    """(is an integer written as Python writes it, is a number written as Python writes it)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return False, False
+    try:
+        if str(int(text)) == text:
+            return abs(int(text)) < 2 ** 63, True  # beyond int64: a float, as pandas makes it
+    except ValueError:
+        pass
+    return False, repr(number) == text
+
+
+def _typed_slice(values: pd.Series) -> pd.Series:
+    """A CSV slice column read as text, made numeric or boolean only when no value changes by it:
+    ``007``, ``+7`` or ``1.50`` keep the column text (pandas would make 7 and 1.5), integers with
+    gaps stay integers (pandas would make 7.0)."""
+    present = values.dropna()
+    if present.empty:
+        return values.astype("float64")  # all missing: as pandas types it
+    if present.isin(list(_BOOL_WORDS)).all() and len(present) == len(values):
+        return values.map(_BOOL_WORDS).astype(bool)
+    kinds = [_reads_back(v) for v in present]
+    if all(is_int for is_int, _ in kinds):
+        return pd.to_numeric(values).astype("Int64")
+    if all(is_number for _, is_number in kinds):
+        return values.astype("float64")
+    return values
+
+
+def _read_csv(data: bytes, columns: ColumnNames) -> pd.DataFrame:
+    header = pd.read_csv(io.BytesIO(data), nrows=0).columns
+    text = [c for c in header if c in _text_columns(columns)]
+    # Pandas' usual missing-value words ("", NA, null, ...) everywhere but the text columns.
+    na_values = {c: sorted(pd._libs.parsers.STR_NA_VALUES) for c in header if c not in text}
+    # Everything but the label (whose parsing is the label reader's business) is read as text.
+    frame = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=na_values,
+                        dtype={c: str for c in header if c != columns.label})
+    for c in header:
+        if c not in text and c != columns.label:
+            frame[c] = _typed_slice(frame[c])
+    return frame
+
+
+def _read_parquet(data: bytes, columns: ColumnNames) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    for name in _text_columns(columns):
+        if name in table.column_names and pa.types.is_integer(table.schema.field(name).type):
+            # Integers as their digits: pandas would make a column with a null float (7 → 7.0).
+            index = table.column_names.index(name)
+            table = table.set_column(index, name, table.column(name).cast(pa.string()))
+    return table.to_pandas()
+
+
+def _read_manifest(uri: str, columns: ColumnNames) -> pd.DataFrame:
+    special = _special_kind(uri) if "://" not in uri else None
+    if special is not None:
+        raise DataSourceError(f"The manifest {uri} is {special}, not a regular file.")
     try:
         data = read_bytes(uri)
     except Exception as exc:
         raise DataSourceError(f"The manifest {uri} could not be read: {exc}") from None
     try:
         if uri.lower().endswith(".parquet"):
-            return pd.read_parquet(io.BytesIO(data))
-        return pd.read_csv(io.BytesIO(data), keep_default_na=True)
+            return _read_parquet(data, columns)
+        return _read_csv(data, columns)
     except Exception as exc:
         raise DataSourceError(
             f"The manifest {uri} is not a readable {'Parquet' if uri.endswith('.parquet') else 'CSV'}"
@@ -339,7 +517,7 @@ def _inspect_manifest(
 ) -> SourceSpec:
     if not _exists(uri):
         raise DataSourceError(f"The manifest {uri} does not exist.")
-    frame = _read_manifest(uri)
+    frame = _read_manifest(uri, columns)
     if columns.image not in frame.columns:
         raise DataSourceError(
             f"The manifest {uri} has no image column {columns.image!r} (columns: "
@@ -383,14 +561,25 @@ def _outside_data_error(spec: SourceSpec, example_id: str, what: str, path: str)
         "pass --allow-paths-outside-data to read files from anywhere the manifest points.")
 
 
+def _missing_id_error(spec: SourceSpec, row_number: int, image_text: str, base: str) -> dict:
+    source = _resolve(base, image_text) if image_text else ""
+    return error_row(
+        image_text or f"row {row_number}", source, "read", "missing_id",
+        f"Row {row_number} of the manifest {spec.uri} has an empty {spec.columns.id!r}; every "
+        "example needs its own id (fill it in, or leave the id column out to use image paths).")
+
+
 def _iter_manifest_refs(spec: SourceSpec) -> Iterator[Union[ExampleRef, dict]]:
-    frame = _read_manifest(spec.uri)
+    frame = _read_manifest(spec.uri, spec.columns)
     base = _parent(spec.uri)
     cols = spec.columns
-    for row in frame.to_dict("records"):
+    for number, row in enumerate(frame.to_dict("records"), start=1):
         image = row[cols.image]
         image_text = "" if _native(image, "string") is None else str(image)
-        example_id = str(row[cols.id]) if cols.id in row else image_text
+        example_id = _native(row[cols.id], "string") if cols.id in row else image_text
+        if example_id is None or not example_id.strip():
+            yield _missing_id_error(spec, number, image_text, base)
+            continue
         mask = _native(row.get(cols.mask), "string") if spec.has_masks else None
         if not spec.allow_paths_outside_data:
             outside = [(what, _resolve(base, p))
@@ -419,12 +608,19 @@ def _masked_crc32c(data: bytes) -> int:
 
 
 class _BrokenFraming(Exception):
-    """The record's length header is unreadable: nothing after it in the file can be trusted."""
+    """The record's length header is unreadable (or unreadably large): nothing after it in the
+    file can be located."""
+
+    def __init__(self, message: str, error_type: str = "truncated_file"):
+        super().__init__(message)
+        self.error_type = error_type
 
 
-def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
+def _read_records(handle, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                  ) -> Iterator[Union[bytes, ExampleError]]:
     """Records of a TFRecord file; a record with a bad data CRC yields an ExampleError and the
-    reader moves on; a bad or short length header ends the file with _BrokenFraming."""
+    reader moves on; a bad or short length header, or a length above ``max_bytes`` (never
+    allocated), ends the file with _BrokenFraming."""
     while True:
         header = handle.read(12)
         if not header:
@@ -434,6 +630,9 @@ def _read_records(handle) -> Iterator[Union[bytes, ExampleError]]:
         length, length_crc = struct.unpack("<QI", header)
         if _masked_crc32c(header[:8]) != length_crc:
             raise _BrokenFraming("a record header fails its CRC (corrupt file)")
+        if length > max_bytes:
+            raise _BrokenFraming(f"the record is {length:,} bytes, above the limit of "
+                                 f"{max_bytes:,} (--max-image-bytes)", "file_too_large")
         body = _read_up_to(handle, length + 4)
         if len(body) != length + 4:
             raise _BrokenFraming("the file ends inside a record (truncated file)")
@@ -586,7 +785,7 @@ def iter_tfrecord_refs(
 
     try:
         with FileSystems.open(path) as handle:
-            for index, record in enumerate(_read_records(handle)):
+            for index, record in enumerate(_read_records(handle, spec.limits.max_bytes)):
                 position = f"{file_id}:{index}"
                 if isinstance(record, ExampleError):
                     yield error_row(position, f"{path}:{index}", record.stage, record.error_type,
@@ -617,7 +816,7 @@ def iter_tfrecord_refs(
                 )
     except _BrokenFraming as exc:
         position = f"{file_id}:{index + 1}"
-        yield error_row(position, f"{path}:{index + 1}", "read", "truncated_file",
+        yield error_row(position, f"{path}:{index + 1}", "read", exc.error_type,
                         f"Reading stopped at record {index + 1}: {exc}. Records after it, if any, "
                         "cannot be located.")
 
@@ -628,7 +827,7 @@ def iter_tfrecord_refs(
 def inspect_source(
     uri: str, columns: ColumnNames, slice_columns: Optional[Sequence[str]] = None,
     allow_paths_outside_data: bool = False,
-    slice_bins: Optional[Dict[str, List[float]]] = None,
+    slice_bins: Optional[Dict[str, List[float]]] = None, limits: Optional[ReadLimits] = None,
 ) -> SourceSpec:
     """Validate the data URI on the launcher and describe it (raises DataSourceError).
 
@@ -639,16 +838,18 @@ def inspect_source(
     slice_bins = slice_bins or {}
     if kind == "manifest":
         spec = _inspect_manifest(uri, columns, slice_columns, slice_bins)
-        spec.allow_paths_outside_data = allow_paths_outside_data
-        return spec
-    if kind == "tfrecord":
-        return _inspect_tfrecord(uri, columns, slice_columns, slice_bins)
-    if slice_columns or slice_bins:
+    elif kind == "tfrecord":
+        spec = _inspect_tfrecord(uri, columns, slice_columns, slice_bins)
+    elif slice_columns or slice_bins:
         raise DataSourceError(
             "--slice-columns and --slice-bins need a manifest or TFRecords: a class-folder tree "
             "has no columns."
         )
-    return _inspect_folders(uri, columns)
+    else:
+        spec = _inspect_folders(uri, columns)
+    spec.allow_paths_outside_data = allow_paths_outside_data
+    spec.limits = limits or ReadLimits()
+    return spec
 
 
 def iter_refs(spec: SourceSpec) -> Iterator[Union[ExampleRef, dict]]:
@@ -661,25 +862,161 @@ def iter_refs(spec: SourceSpec) -> Iterator[Union[ExampleRef, dict]]:
     raise ValueError(f"iter_refs does not read {spec.kind}")
 
 
-def read_example_bytes(ref: ExampleRef) -> Tuple[bytes, Optional[bytes]]:
-    """The image and mask bytes of a ref (reading files when needed), or ExampleError."""
+def read_example_bytes(
+    ref: ExampleRef, spec: Optional[SourceSpec] = None
+) -> Tuple[bytes, Optional[bytes]]:
+    """The image and mask bytes of a ref (reading files when needed), or ExampleError.
+
+    Files are read within ``spec.limits`` and, unless ``spec.allow_paths_outside_data``, only
+    when they lie in the data's folder once symlinks are resolved (without a spec: the default
+    limits and no folder check, for re-reads of a finished run's own data)."""
+    limits = spec.limits if spec is not None else ReadLimits()
+    root = None if spec is None or spec.allow_paths_outside_data else spec.data_root
     image = ref.image_bytes
     if image is None:
         if not ref.image_path:
             raise ExampleError("read", "missing_image", "The example names no image file.")
-        image = _read_or_fail(ref.image_path, "image")
+        image = read_file(ref.image_path, "image", limits, root)
     mask = ref.mask_bytes
     if mask is None and ref.mask_path:
-        mask = _read_or_fail(ref.mask_path, "mask")
+        mask = read_file(ref.mask_path, "mask", limits, root)
     return image, mask
 
 
-def _read_or_fail(path: str, what: str) -> bytes:
+# --------------------------------------------------------------------------- bounded reads
+
+_SPECIAL_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _special_kind(path: str) -> Optional[str]:
+    """What a local path is when it is not a readable regular file (None when it is one)."""
     try:
-        return read_bytes(path)
+        mode = os.stat(path).st_mode  # follows symlinks; never opens (a FIFO would block)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        return None
+    for test, name in _SPECIAL_KINDS:
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _too_large(path: str, what: str, size: str, limits: ReadLimits) -> ExampleError:
+    return ExampleError(
+        "read", "file_too_large",
+        f"The {what} file {path} is {size} bytes, above the limit of {limits.max_bytes:,} "
+        "(--max-image-bytes); it was not read. Raise --max-image-bytes if the file is genuine.")
+
+
+def _read_local(path: str, what: str, limits: ReadLimits, root: Optional[str]) -> bytes:
+    if not os.path.lexists(path):
+        raise ExampleError("read", f"missing_{what}", f"The {what} file {path} does not exist.")
+    special = _special_kind(path)
+    if special is not None:
+        error_type = f"missing_{what}" if special.startswith("a broken") else f"unreadable_{what}"
+        raise ExampleError("read", error_type,
+                           f"The {what} file {path} is {special}, not a regular file.")
+    real = os.path.realpath(path)
+    if root is not None and "://" not in root and not is_inside(os.path.realpath(root), real):
+        raise ExampleError(
+            "read", "path_outside_data",
+            f"The {what} file {path} resolves (through symbolic links) to {real}, outside the "
+            f"data folder {root}; pass --allow-paths-outside-data to read files the data links to.")
+    size = os.stat(path).st_size
+    if size > limits.max_bytes:
+        raise _too_large(path, what, f"{size:,}", limits)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limits.max_bytes + 1)  # a file growing since the stat stops here
+    except OSError as exc:
+        raise ExampleError("read", f"unreadable_{what}",
+                           f"The {what} file {path} could not be read ({exc.strerror}).") from None
+    if len(data) > limits.max_bytes:
+        raise _too_large(path, what, "more than that", limits)
+    return data
+
+
+def _read_remote(path: str, what: str, limits: ReadLimits) -> bytes:
+    try:
+        size = FileSystems.get_filesystem(path).metadata(path).size_in_bytes
+        if size > limits.max_bytes:
+            raise _too_large(path, what, f"{size:,}", limits)
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            data = handle.read(limits.max_bytes + 1)
+    except ExampleError:
+        raise
     except Exception as exc:
         exists = _exists(path)
         error_type = f"unreadable_{what}" if exists else f"missing_{what}"
         detail = "could not be read" if exists else "does not exist"
-        raise ExampleError("read", error_type, f"The {what} file {path} {detail} ({type(exc).__name__}).") from None
+        raise ExampleError("read", error_type,
+                           f"The {what} file {path} {detail} ({type(exc).__name__}).") from None
+    if len(data) > limits.max_bytes:
+        raise _too_large(path, what, "more than that", limits)
+    return data
 
+
+def _within(timeout_s: float, call, path: str, what: str) -> bytes:
+    """``call()`` on a daemon thread, abandoned after ``timeout_s``: a file system that hangs or
+    retries for minutes (gs:// without credentials, a dead NFS mount) costs one error row, not the
+    run. An abandoned thread cannot be killed; being a daemon, it never holds the process open."""
+    box: Dict[str, Any] = {}
+
+    def run():
+        try:
+            box["data"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="xai-audit-read", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise ExampleError(
+            "read", "read_timeout",
+            f"Reading the {what} file {path} took longer than {timeout_s:g} s (--read-timeout) "
+            "and was abandoned. Check that its file system is reachable and authorized, or "
+            "raise --read-timeout.")
+    if "error" in box:
+        raise box["error"]
+    return box["data"]
+
+
+def _scheme(path: str) -> str:
+    return path.split("://", 1)[0] + "://" if "://" in path else "local files"
+
+
+def read_file(path: str, what: str, limits: Optional[ReadLimits] = None,
+              root: Optional[str] = None) -> bytes:
+    """One image or mask file, bounded by ``limits``; only a regular file is read, and with
+    ``root`` (a local data folder) only when it lies in it once symlinks are resolved.
+    Raises ExampleError (stage read) naming what is wrong."""
+    limits = limits or ReadLimits()
+    scheme = _scheme(path)
+    if limits.timeouts_in_a_row.get(scheme, 0) >= TIMEOUTS_BEFORE_GIVING_UP:
+        raise ExampleError(
+            "read", "read_timeout",
+            f"The {what} file {path} was not read: the last {TIMEOUTS_BEFORE_GIVING_UP} reads "
+            f"from {scheme} on this worker each took longer than {limits.timeout_s:g} s "
+            "(--read-timeout). Check that the file system is reachable and authorized.")
+    if "://" in path:
+        call = lambda: _read_remote(path, what, limits)  # noqa: E731
+    else:
+        call = lambda: _read_local(path, what, limits, root)  # noqa: E731
+    try:
+        data = _within(limits.timeout_s, call, path, what)
+    except ExampleError as exc:
+        if exc.error_type == "read_timeout":
+            limits.timeouts_in_a_row[scheme] = limits.timeouts_in_a_row.get(scheme, 0) + 1
+        raise
+    limits.timeouts_in_a_row[scheme] = 0
+    return data
