@@ -30,6 +30,8 @@ GLOSSARY: Dict[str, str] = {
     "mean_prediction": "Mean predicted probability of the positive class; close to the mean "
                        "label is good.",
     "loss": "The model's loss on the slice; lower is better.",
+    "log_loss": "Cross-entropy of the predicted probabilities against the labels; 0 is perfect, "
+                "lower is better; it punishes confident mistakes most.",
     "mask energy": "Share of the map's total mass that falls on the annotated mask; higher "
                    "means attention on the annotated region.",
     "lift": "Mask energy divided by the mask's share of the image: 1× is what a map spread "
@@ -77,8 +79,9 @@ def shown_metrics(summary: dict) -> List[str]:
         names += ["confidence"] + (["lift"] if summary.get("localization") else [])
     if summary.get("localization"):
         names += ["mask energy", "lift", "pointing game", "IoU"]
-    if summary.get("importance"):
-        names.append("permutation importance")
+    importance = summary.get("importance")
+    if importance:
+        names += ["permutation importance", importance["metric"], *importance["metrics"]]
     if summary.get("faithfulness"):
         names += ["deletion AUC", "insertion AUC"]
     if summary.get("sanity"):

@@ -291,7 +291,8 @@ def test_report_of_ten_thousand_examples_stays_under_5_mb(tmp_path):
     assert len(by_site["slices"]) == report_summary.MAX_SLICE_ROWS
     assert by_site["slices_not_shown"] == 40 - report_summary.MAX_SLICE_ROWS
     assert len(summary["localization"]["rows"]) == 1 + report_summary.MAX_SLICE_ROWS
-    assert thumbnails <= report_gallery.MAX_SLICES * 4 * report_gallery.PER_GALLERY
+    assert thumbnails <= (report_gallery.MAX_SLICES * report_gallery.MAX_CLASSES * 4
+                          * report_gallery.PER_GALLERY)
     html = open(path).read()
     assert html.count('<figure class="thumb">') == thumbnails and "map only" not in html
 
