@@ -239,6 +239,11 @@ def test_galleries_per_class_without_repeats_and_the_lift_rule():
     for g in galleries:
         if g["kind"] == "correct_least_on_mask":
             assert all(i["label"] == i["predicted_class"] and i["lift"] < 1 for i in g["items"])
+    # Unlabeled: one gallery per predicted class, most confident first.
+    unlabeled = _picked([("u0", None, 0, 0.7, None), ("u1", None, 1, 0.9, None),
+                         ("u2", None, 1, 0.6, None)])
+    assert {(g["class"], g["kind"]): [i["example_id"] for i in g["items"]] for g in unlabeled} \
+        == {(1, "most_confident"): ["u1", "u2"], (0, "most_confident"): ["u0"]}
 
 
 def test_glossary_calibration_finding_and_page_title(tmp_path):
