@@ -176,7 +176,13 @@ def test_user_data_is_escaped(tmp_path):
     evil_site, evil_class = "<script>alert(1)</script>", "<b onmouseover=x>pos</b>"
     out = write_output(tmp_path / "out", 12, sites=(evil_site, "ok"),
                        class_names=("neg", evil_class))
+    # The model path also goes into the printed footer, a CSS string inside <style>.
+    run = json.loads((out / "run.json").read_text())
+    run["model"]["path"] = 'm"}</style><script>alert(2)</script>.keras'
+    (out / "run.json").write_text(json.dumps(run))
     html = open(report.write_report(str(out))).read()
+    assert html.count("</style>") == 1
+    assert '"xai-audit run n/a · model m\\22 }\\3c /style\\3e \\3c script\\3e alert(2)' in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b onmouseover=x&gt;pos&lt;/b&gt;" in html
     assert "<script" not in html.lower() and "<b onmouseover" not in html

@@ -1,8 +1,9 @@
 """The report of a small real run, opened in headless Chromium (Debian's ``chromium``; ``make
 test`` installs it via ``make browser``): the page loads without errors or network requests, the
-verdict is in the rendered DOM and visible on the screenshot; printed to PDF, no page ends with a
-heading, every page names the run and the model, and the PDF's title names the model and date. Also the job's wiring: the report is
-written at the end of every run, and a report failure keeps run.json and exits 5."""
+verdict is in the rendered DOM and visible on the screenshot; printed to PDF (read back with
+poppler's ``pdftohtml -xml``), no page ends with a heading, every page names the run and the
+model, and the PDF's title names the model and date. Also the job's wiring: the report is written
+at the end of every run, and a report failure keeps run.json and exits 5."""
 import html as html_lib
 import json
 import logging
