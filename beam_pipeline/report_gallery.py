@@ -67,7 +67,8 @@ class GalleryPicker:
         self.per_gallery = per_gallery
         self.keep = per_gallery * len(CLAIM_ORDER)
         self.heaps: Dict[Tuple[str, int, str], list] = {}
-        # (slice, class) -> [examples, correct, labeled, with a lift]: which classes to show.
+        # (slice, class) -> [examples, correct, labeled, labeled with a lift]: which classes and
+        # galleries to show.
         self.counts: Dict[Tuple[str, int], List[int]] = {}
 
     def _push(self, key: Tuple[str, int, str], score: float, item: dict) -> None:
@@ -92,7 +93,7 @@ class GalleryPicker:
         count[0] += 1
         count[1] += correct
         count[2] += label is not None
-        count[3] += lift is not None
+        count[3] += lift is not None and label is not None
         if label is None:
             self._push((group, cls, CONFIDENT), confidence, item)
         else:
@@ -114,11 +115,11 @@ class GalleryPicker:
 
     def _kinds(self, group: str, cls) -> List[str]:
         """The galleries a (slice, class) can have, in claim order."""
-        _, _, labeled, with_lift = self.counts[(group, cls)]
-        if not labeled:
-            return [CONFIDENT]
-        return [k for k in CLAIM_ORDER
-                if k in (CORRECT, WRONG) or (with_lift and k in (OFF_MASK, CORRECT_OFF_MASK))]
+        n, _, labeled, with_lift = self.counts[(group, cls)]
+        wanted = {CORRECT, WRONG} if labeled else set()
+        wanted |= {OFF_MASK, CORRECT_OFF_MASK} if labeled and with_lift else set()
+        wanted |= {CONFIDENT} if n > labeled else set()  # unlabeled examples of the class
+        return [k for k in CLAIM_ORDER if k in wanted]
 
     def galleries(self, groups: Sequence[str]) -> List[dict]:
         """[{"slice", "class", "kind", "title", "items", "note"}] for ``groups``, per class,
