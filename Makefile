@@ -19,14 +19,15 @@ $(VENV)/.installed: setup.py
 demo: venv
 	$(BIN)/xai-audit demo --output $(DEMO_DIR)
 
-# The report's browser test renders the page in headless Chromium (Debian's package); root
-# installs it directly, anyone else through sudo.
+# The report's browser test renders the page in headless Chromium and reads its printed PDF with
+# pdftotext (Debian's chromium and poppler-utils); root installs them directly, anyone else
+# through sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser:
-	@test -x /usr/bin/chromium || { \
-		echo "Installing chromium for the report's browser test (apt-get)" && \
+	@test -x /usr/bin/chromium && test -x /usr/bin/pdftotext || { \
+		echo "Installing chromium and poppler-utils for the report's browser test (apt-get)" && \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium poppler-utils; }
 
 test: venv browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests

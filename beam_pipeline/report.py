@@ -22,8 +22,10 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import jinja2
+import markupsafe
 
-from . import outputs, report_gallery, report_plots, report_summary, report_text, runinfo
+from . import (outputs, report_gallery, report_glossary, report_plots, report_summary,
+               report_text, runinfo)
 from .errors import AuditError
 from .report_summary import METHOD_NAMES, SliceStats, exists, join
 
@@ -73,6 +75,7 @@ def _name_classes(galleries: List[dict], class_names: Sequence[str]) -> None:
         return class_names[index] if 0 <= index < len(class_names) else str(index)
 
     for gallery in galleries:
+        gallery["class_name"] = name(gallery["class"])
         for item in gallery["items"]:
             item["label_name"] = name(item["label"])
             item["predicted_name"] = name(item["predicted_class"])
@@ -125,6 +128,7 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
     summary["findings"] = report_text.findings(summary)
     summary["omitted"] = report_text.omitted_notes(run, summary)
     summary["method_notes"] = report_text.method_notes(methods)
+    summary["glossary"] = report_glossary.glossary(summary)
     return summary
 
 
@@ -157,13 +161,23 @@ def render_pictures(summary: dict, run: dict, output: str) -> dict:
         maps = report_gallery.read_maps(paths, summary["gallery_method"], wanted)
         images, note = report_gallery.read_images(run, wanted)
         report_gallery.render_thumbnails(galleries, maps, images)
+    return {"charts": pictures, "galleries": galleries,
+            "gallery_slices": _gallery_blocks(galleries), "gallery_note": note,
+            "colour_bar": report_plots.colour_bar()}
+
+
+def _gallery_blocks(galleries: List[dict]) -> List[dict]:
+    """[{"slice", "classes": [{"class_name", "galleries"}]}] in the galleries' order."""
     blocks: List[dict] = []
     for gallery in galleries:
         if not blocks or blocks[-1]["slice"] != gallery["slice"]:
-            blocks.append({"slice": gallery["slice"], "galleries": []})
-        blocks[-1]["galleries"].append(gallery)
-    return {"charts": pictures, "galleries": galleries, "gallery_slices": blocks,
-            "gallery_note": note}
+            blocks.append({"slice": gallery["slice"], "classes": []})
+        classes = blocks[-1]["classes"]
+        if not classes or classes[-1]["class"] != gallery["class"]:
+            classes.append({"class": gallery["class"], "class_name": gallery["class_name"],
+                            "galleries": []})
+        classes[-1]["galleries"].append(gallery)
+    return blocks
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -179,6 +193,22 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _css_string(value) -> markupsafe.Markup:
+    """A quoted CSS string (for @page margin boxes): backslash escapes, not HTML entities, since
+    the browser does not decode entities inside <style>; "<" escaped so nothing closes it."""
+    text = "".join(ch if ch.isprintable() and ch not in '\\"<>' else f"\\{ord(ch):x} "
+                   for ch in str(value))
+    return markupsafe.Markup(f'"{text}"')
+
+
+def page_title(summary: dict) -> str:
+    """The browser tab's and the PDF's title: the model's file name and the run's date."""
+    ident = summary["identity"]
+    model = (ident.get("model_path") or "model").rstrip("/").rsplit("/", 1)[-1]
+    date = (ident.get("started_at") or ident.get("finished_at") or "")[:10] or "undated run"
+    return f"{model}, {date}: xai-audit report"
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("beam_pipeline", "templates"),
@@ -190,7 +220,10 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["fmt"] = _fmt
     env.filters["pct"] = report_text.pct
+    env.filters["css_string"] = _css_string
+    env.globals["explain"] = report_glossary.explain
     env.globals["method_name"] = lambda m: METHOD_NAMES.get(m, m)
+    env.globals["page_title"] = page_title
     return env
 
 

@@ -1,10 +1,14 @@
 """The report's galleries: which examples to show, and their attribution overlays.
 
-Galleries per slice value: the most confident correct predictions, the most confident wrong
-ones, the examples whose map puts the least of its mass on the ground-truth mask (relative to
-the mask's share of the image), and among correct predictions those least on the mask (right,
-perhaps for the wrong reason: a shortcut shows here). Selection streams: ``GalleryPicker`` sees one row at a time (only
-the small columns) and keeps a bounded heap per (slice, gallery). Only the chosen examples' maps
+Galleries per slice value and class (true class; predicted when unlabeled; the classes with the
+lowest accuracy first): the most confident correct predictions, the most confident wrong ones,
+the examples whose map puts the least of its mass on the ground-truth mask (relative to the
+mask's share of the image: lift), and correct predictions whose lift is below 1 (right, perhaps
+for the wrong reason: a shortcut shows here). No example appears twice on a slice: the
+narrowest gallery takes it, the others show the next candidates or a note.
+
+Selection streams: ``GalleryPicker`` sees one row at a time (only the small columns) and keeps a
+bounded heap per (slice, class, gallery). Only the chosen examples' maps
 are read afterwards (``read_maps``), and only their images and masks are re-read and decoded
 from the data source (``read_images``), through the same ``sources`` / ``decode`` code the job
 uses. When the data cannot be re-read (moved, no access), thumbnails show the map alone and the
@@ -20,36 +24,58 @@ from . import decode, report_plots, runinfo, sources
 
 LOG = logging.getLogger("xai_audit")
 
-PER_GALLERY = 6  # thumbnails per gallery per slice value
-MAX_SLICES = 8  # slice values that get galleries (worst accuracy first)
+PER_GALLERY = 4  # thumbnails per gallery
+MAX_SLICES = 6  # slice values that get galleries (worst accuracy first)
+MAX_CLASSES = 3  # classes per slice value that get galleries (worst accuracy first)
+# A map whose share on the mask is below the mask's share of the image (lift < 1) looks
+# elsewhere more than a map spread evenly would: the "right for the wrong reason?" rule.
+SHORTCUT_LIFT = 1.0
 CORRECT, WRONG, OFF_MASK, CORRECT_OFF_MASK, CONFIDENT = (
     "most_confident_correct", "most_confident_wrong", "least_on_mask", "correct_least_on_mask",
     "most_confident")
-KINDS = (CORRECT, WRONG, OFF_MASK, CORRECT_OFF_MASK, CONFIDENT)
+KINDS = (CORRECT, WRONG, OFF_MASK, CORRECT_OFF_MASK, CONFIDENT)  # the order on the page
+# Which gallery takes an example first when it qualifies for several on the same slice: the
+# narrowest rule first, so the broad "least on the mask" gallery shows the next examples
+# instead of repeating the "right for the wrong reason?" ones.
+CLAIM_ORDER = (CORRECT_OFF_MASK, WRONG, CORRECT, OFF_MASK, CONFIDENT)
 TITLES = {
     CORRECT: "Most confident correct",
     WRONG: "Most confident wrong",
     OFF_MASK: "Least attention on the mask",
-    CORRECT_OFF_MASK: "Correct, but least attention on the mask (right for the wrong reason?)",
+    CORRECT_OFF_MASK: "Right for the wrong reason? Correct, with less of the map on the mask "
+                      "than the mask's share of the image (lift < 1)",
     CONFIDENT: "Most confident (no labels)",
 }
+NONE_NOTES = {
+    WRONG: "None: every example of this class on this slice is predicted correctly.",
+    CORRECT: "None: no example of this class on this slice is predicted correctly.",
+    CORRECT_OFF_MASK: "None: every correct prediction of this class here puts at least the "
+                      "mask's share of its map on the mask (lift ≥ 1).",
+}
+ALREADY_SHOWN = "Left out: every candidate is already shown in another gallery of this slice."
 
 
 class GalleryPicker:
-    """Keeps, per (slice, gallery), the ``per_gallery`` best candidates seen so far.
+    """Keeps, per (slice, class, gallery), the best candidates seen so far.
 
     ``add(group, row)`` takes a row with example_id, label, predicted_class, probabilities and,
-    with masks, ``lift`` (mask energy / mask area of the gallery's method)."""
+    with masks, ``lift`` (mask energy / mask area of the gallery's method). The class is the
+    true label (the predicted one when unlabeled). Each heap keeps more than one gallery's worth,
+    so a gallery can still be filled after the examples other galleries took first."""
 
     def __init__(self, per_gallery: int = PER_GALLERY):
         self.per_gallery = per_gallery
-        self.heaps: Dict[Tuple[str, str], list] = {}
+        self.keep = per_gallery * len(CLAIM_ORDER)
+        self.heaps: Dict[Tuple[str, int, str], list] = {}
+        # (slice, class) -> [examples, correct, labeled, labeled with a lift]: which classes and
+        # galleries to show.
+        self.counts: Dict[Tuple[str, int], List[int]] = {}
 
-    def _push(self, key: Tuple[str, str], score: float, item: dict) -> None:
+    def _push(self, key: Tuple[str, int, str], score: float, item: dict) -> None:
         heap = self.heaps.setdefault(key, [])
         # Ties go to the smaller example id, so the choice does not depend on the file order.
         entry = (score, _reverse_text(item["example_id"]), item)
-        if len(heap) < self.per_gallery:
+        if len(heap) < self.keep:
             heapq.heappush(heap, entry)
         elif entry[:2] > heap[0][:2]:
             heapq.heapreplace(heap, entry)
@@ -57,29 +83,62 @@ class GalleryPicker:
     def add(self, group: str, row: dict) -> None:
         probabilities = row.get("probabilities") or []
         confidence = float(max(probabilities)) if probabilities else 0.0
-        item = {"example_id": row["example_id"], "label": row.get("label"),
+        label, lift = row.get("label"), row.get("lift")
+        item = {"example_id": row["example_id"], "label": label,
                 "predicted_class": row.get("predicted_class"), "confidence": confidence,
-                "lift": row.get("lift")}
-        correct = row.get("label") is not None and row["label"] == row["predicted_class"]
-        if row.get("label") is None:
-            self._push((group, CONFIDENT), confidence, item)
+                "lift": lift}
+        correct = label is not None and label == row["predicted_class"]
+        cls = label if label is not None else row.get("predicted_class")
+        count = self.counts.setdefault((group, cls), [0, 0, 0, 0])
+        count[0] += 1
+        count[1] += correct
+        count[2] += label is not None
+        count[3] += lift is not None and label is not None
+        if label is None:
+            self._push((group, cls, CONFIDENT), confidence, item)
         else:
-            self._push((group, CORRECT if correct else WRONG), confidence, item)
-        if row.get("lift") is not None:
-            self._push((group, OFF_MASK), -row["lift"], item)
-            if correct:
-                self._push((group, CORRECT_OFF_MASK), -row["lift"], item)
+            self._push((group, cls, CORRECT if correct else WRONG), confidence, item)
+        if lift is not None and label is not None:
+            self._push((group, cls, OFF_MASK), -lift, item)
+            if correct and lift < SHORTCUT_LIFT:
+                self._push((group, cls, CORRECT_OFF_MASK), -lift, item)
+
+    def _classes(self, group: str) -> List[int]:
+        """The slice's classes with galleries: lowest accuracy first (largest when unlabeled)."""
+        counts = {cls: c for (g, cls), c in self.counts.items() if g == group}
+
+        def rank(cls):
+            n, correct, labeled, _ = counts[cls]
+            return (correct / labeled if labeled else -n, str(cls))
+
+        return sorted(counts, key=rank)[:MAX_CLASSES]
+
+    def _kinds(self, group: str, cls) -> List[str]:
+        """The galleries a (slice, class) can have, in claim order."""
+        n, _, labeled, with_lift = self.counts[(group, cls)]
+        wanted = {CORRECT, WRONG} if labeled else set()
+        wanted |= {OFF_MASK, CORRECT_OFF_MASK} if labeled and with_lift else set()
+        wanted |= {CONFIDENT} if n > labeled else set()  # unlabeled examples of the class
+        return [k for k in CLAIM_ORDER if k in wanted]
 
     def galleries(self, groups: Sequence[str]) -> List[dict]:
-        """[{"slice", "kind", "title", "items": [...]}] for ``groups``, best first."""
+        """[{"slice", "class", "kind", "title", "items", "note"}] for ``groups``, per class,
+        best first. No example appears twice on a slice; an empty gallery keeps a note."""
         out = []
         for group in groups:
-            for kind in KINDS:
-                heap = self.heaps.get((group, kind))
-                if heap:
-                    items = [entry[2] for entry in sorted(heap, key=lambda e: e[:2], reverse=True)]
-                    out.append({"slice": group, "kind": kind, "title": TITLES[kind],
-                                "items": items})
+            shown: Set[str] = set()
+            for cls in self._classes(group):
+                found = {}
+                for kind in self._kinds(group, cls):
+                    heap = self.heaps.get((group, cls, kind), [])
+                    ranked = [e[2] for e in sorted(heap, key=lambda e: e[:2], reverse=True)]
+                    items = [i for i in ranked if i["example_id"] not in shown]
+                    items = items[:self.per_gallery]
+                    shown.update(i["example_id"] for i in items)
+                    note = None if items else (ALREADY_SHOWN if ranked else NONE_NOTES.get(kind))
+                    found[kind] = {"slice": group, "class": cls, "kind": kind,
+                                   "title": TITLES[kind], "items": items, "note": note}
+                out += [found[k] for k in KINDS if k in found]
         return out
 
 

@@ -3,7 +3,7 @@ returned as a ``data:`` URI so the page is one self-contained file.
 
 Charts use matplotlib's Agg backend (no display, no network) and small figures at a modest DPI:
 a report of any run size holds a bounded number of them. Thumbnails are drawn with NumPy and
-Pillow (a colormap lookup and an alpha blend), JPEG-compressed, a few kilobytes each.
+Pillow (a colormap lookup and a per-pixel alpha blend), JPEG-compressed, a few kilobytes each.
 Every function takes plain figures from the report's summary and returns a string.
 """
 import base64
@@ -18,10 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-THUMBNAIL_PX = 96
+THUMBNAIL_PX = 128
 _DPI = 90
-_COLORMAP = matplotlib.colormaps["jet"]
-_MASK_OUTLINE_RGB = (0, 255, 0)
+# Inferno runs dark → yellow with no green or cyan in it, so the mask outline stays visible.
+_COLORMAP = matplotlib.colormaps["inferno"]
+_MASK_OUTLINE_RGB = (0, 255, 255)
+# Opacity of the map over the image at the map's minimum and maximum: weak attribution lets the
+# image show through, strong attribution covers it most.
+_ALPHA_LOW, _ALPHA_HIGH = 0.05, 0.75
+COLOUR_BAR_PX = (128, 10)
 
 
 def _data_uri(payload: bytes, mime: str) -> str:
@@ -190,23 +195,39 @@ def _mask_outline(mask: np.ndarray, size: tuple) -> np.ndarray:
     return small & ~inner
 
 
+def _blend(base: np.ndarray, values: np.ndarray, image_shown: bool) -> np.ndarray:
+    """The map's colours over ``base``, each pixel as opaque as its value (0..1) is high."""
+    colours = _COLORMAP(values)[..., :3] * 255
+    if not image_shown:
+        return colours
+    alpha = (_ALPHA_LOW + (_ALPHA_HIGH - _ALPHA_LOW) * values)[..., None]
+    return (1 - alpha) * base + alpha * colours
+
+
 def overlay_thumbnail(pixels: Optional[np.ndarray], heatmap: np.ndarray,
                       mask: Optional[np.ndarray] = None, longest: int = THUMBNAIL_PX) -> str:
-    """A JPEG data URI: the map (scaled to its own maximum, jet colours) blended over the image,
-    with the ground-truth mask's outline in green. ``pixels`` [H, W, C] in 0..255, or None to
-    draw the map alone (when the image could not be re-read)."""
+    """A JPEG data URI: the map (scaled to its own maximum, inferno colours) alpha-blended over
+    the image, with the ground-truth mask's outline in cyan. ``pixels`` [H, W, C] in 0..255, or
+    None to draw the map alone (when the image could not be re-read)."""
     height, width = (pixels.shape[:2] if pixels is not None else heatmap.shape)
     size = _fit(height, width, longest)
     base = _gray_background(pixels, size).astype(np.float32)
     peak = float(np.max(heatmap)) if heatmap.size else 0.0
     scaled = (heatmap / peak if peak > 0 else np.zeros_like(heatmap)).astype(np.float32)
     smooth = np.asarray(Image.fromarray(scaled, mode="F").resize(size, Image.BILINEAR))
-    colours = _COLORMAP(np.clip(smooth, 0, 1))[..., :3] * 255
-    alpha = 0.45 if pixels is not None else 1.0
-    blended = (1 - alpha) * base + alpha * colours
-    out = np.clip(blended, 0, 255).astype(np.uint8)
+    out = np.clip(_blend(base, np.clip(smooth, 0, 1), pixels is not None), 0, 255)
+    out = out.astype(np.uint8)
     if mask is not None:
         out[_mask_outline(mask, size)] = _MASK_OUTLINE_RGB
     buffer = io.BytesIO()
     Image.fromarray(out).save(buffer, format="JPEG", quality=80)
     return _data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def colour_bar() -> str:
+    """A PNG data URI of the thumbnails' colour scale, 0 (left) to the map's maximum (right)."""
+    width, height = COLOUR_BAR_PX
+    row = (_COLORMAP(np.linspace(0, 1, width))[:, :3] * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(row[None], height, axis=0)).save(buffer, format="PNG")
+    return _data_uri(buffer.getvalue(), "image/png")

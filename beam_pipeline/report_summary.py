@@ -350,6 +350,7 @@ def identity(run: dict) -> dict:
     model, data, runner = run.get("model", {}), run.get("data", {}), run.get("runner", {})
     return {
         "tool_version": run.get("tool_version"),
+        "run_id": run.get("run_id"),
         "started_at": run.get("started_at"),
         "finished_at": run.get("finished_at"),
         "model_path": model.get("path"),

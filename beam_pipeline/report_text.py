@@ -2,9 +2,11 @@
 the annotated region, what matters most, failed sanity checks, failed examples), method notes
 and limitations, the one-line notes of sections that have no input, and ``visible_controls``,
 which every value shown in the HTML passes through."""
+import math
 import re
 from typing import Dict, List, Optional
 
+from .report_glossary import CALIBRATION_RANGE, calibration_off
 from .report_summary import METHOD_NAMES, as_number
 
 # Unicode bidirectional controls (embeddings, overrides, isolates, marks): in an id, path or slice
@@ -184,6 +186,7 @@ def findings(summary: dict) -> List[str]:
         kinds = ", ".join(f"{n} {t}" for t, n in acc["errors_by_type"].items())
         out.append(f"{acc['examples_failed']} of {acc['examples_in']} examples could not be "
                    f"audited ({kinds}).")
+    out += calibration_findings(summary.get("metrics"))
     return out
 
 
@@ -239,3 +242,23 @@ def omitted_notes(run: dict, summary: dict) -> Dict[str, str]:
     if not summary.get("sanity"):
         notes["sanity"] = "The sanity check was not run (--sanity-sample 0)."
     return notes
+
+
+def calibration_findings(metrics: Optional[dict], limit: int = 3) -> List[str]:
+    """One sentence when calibration (mean prediction / mean label) is outside
+    CALIBRATION_RANGE overall or on data slices: the farthest from 1 first."""
+    rows = [(metrics or {}).get("overall")] + [
+        r for g in (metrics or {}).get("by_column", []) if not g["derived"] for r in g["slices"]]
+    off = [(r["slice"], r["metrics"]["calibration"]["value"]) for r in rows
+           if r and (r["metrics"].get("calibration") or {}).get("value") is not None
+           and calibration_off(r["metrics"]["calibration"]["value"])]
+    if not off:
+        return []
+    off.sort(key=lambda pair: (-abs(math.log(pair[1])) if pair[1] > 0 else -math.inf, pair[0]))
+    listed = "; ".join(f"{value:.2f} on {name}" for name, value in off[:limit])
+    more = f" and {len(off) - limit} more slices" if len(off) > limit else ""
+    return [f"Calibration (mean prediction / mean label, 1 is ideal) is outside "
+            f"{CALIBRATION_RANGE[0]}–{CALIBRATION_RANGE[1]}: {listed}{more}. Above 1 the model "
+            "predicts the positive class more often than it occurs, below 1 less often; its "
+            "probabilities should not be read as rates there."]
+

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_pipeline import cli, report, report_gallery, report_summary, runinfo
+from beam_pipeline import (cli, report, report_gallery, report_glossary, report_summary,
+                           report_text, runinfo)
 from beam_pipeline.schemas import (ERROR_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
                                    attribution_schema)
 
@@ -148,6 +149,8 @@ def test_summary_figures_verdict_and_one_class_auc(small_output):
     # Galleries: per site, capped, with the images re-read (not map-only).
     assert {g["slice"] for g in summary["galleries"]} == {"site=a", "site=b", "site=c"}
     assert all(len(g["items"]) <= report_gallery.PER_GALLERY for g in summary["galleries"])
+    # Both classes of the two-class data get galleries on a slice.
+    assert {g["class"] for g in summary["galleries"] if g["slice"] == "site=a"} == {0, 1}
     html = open(path).read()
     assert "Verdict: FAILED" in html and "map only" not in html
     assert re.search(r"<td class=\"text\">site=c</td><td>20</td><td><span class=\"na\">n/a</span>",
@@ -173,7 +176,13 @@ def test_user_data_is_escaped(tmp_path):
     evil_site, evil_class = "<script>alert(1)</script>", "<b onmouseover=x>pos</b>"
     out = write_output(tmp_path / "out", 12, sites=(evil_site, "ok"),
                        class_names=("neg", evil_class))
+    # The model path also goes into the printed footer, a CSS string inside <style>.
+    run = json.loads((out / "run.json").read_text())
+    run["model"]["path"] = 'm"}</style><script>alert(2)</script>.keras'
+    (out / "run.json").write_text(json.dumps(run))
     html = open(report.write_report(str(out))).read()
+    assert html.count("</style>") == 1
+    assert '"xai-audit run n/a · model m\\22 }\\3c /style\\3e \\3c script\\3e alert(2)' in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b onmouseover=x&gt;pos&lt;/b&gt;" in html
     assert "<script" not in html.lower() and "<b onmouseover" not in html
@@ -197,23 +206,87 @@ def test_maps_are_read_only_for_gallery_examples(small_output, monkeypatch):
     assert "gradcam" not in calls[-1]  # the scan reads no map
     wanted = report_gallery.chosen_ids(picker.galleries(["site=a"]))
     maps = report_gallery.read_maps(paths, "gradcam", wanted)
-    assert set(maps) == wanted and 0 < len(wanted) <= 6
+    # Two per gallery, four galleries per class, two classes.
+    assert set(maps) == wanted and 0 < len(wanted) <= 2 * 4 * 2
     assert all(m.shape == (MAP_SIDE, MAP_SIDE) for m in maps.values())
 
 
-def test_gallery_picker_keeps_the_extremes():
-    picker = report_gallery.GalleryPicker(per_gallery=2)
-    for i, (label, pred, p, lift) in enumerate([(1, 1, 0.9, 2.0), (1, 1, 0.99, 0.1),
-                                                (0, 0, 0.6, 0.5), (1, 0, 0.8, None),
-                                                (0, 1, 0.7, 3.0)]):
-        picker.add("s", {"example_id": f"e{i}", "label": label, "predicted_class": pred,
-                         "probabilities": [1 - p, p], "lift": lift})
-    galleries = {g["kind"]: [item["example_id"] for item in g["items"]]
-                 for g in picker.galleries(["s"])}
-    assert galleries == {"most_confident_correct": ["e1", "e0"],
-                         "most_confident_wrong": ["e3", "e4"],
-                         "least_on_mask": ["e1", "e2"],
-                         "correct_least_on_mask": ["e1", "e2"]}
+def _picked(rows, per_gallery=2):
+    """Galleries of one slice "s" from (id, label, prediction, confidence, lift) rows."""
+    picker = report_gallery.GalleryPicker(per_gallery=per_gallery)
+    for example_id, label, pred, confidence, lift in rows:
+        p1 = confidence if pred == 1 else 1 - confidence
+        picker.add("s", {"example_id": example_id, "label": label, "predicted_class": pred,
+                         "probabilities": [1 - p1, p1], "lift": lift})
+    return picker.galleries(["s"])
+
+
+def test_galleries_per_class_without_repeats_and_the_lift_rule():
+    galleries = _picked([
+        # class 0: two correct, both with lift >= 1, and one wrong (accuracy 2/3)
+        ("a2", 0, 0, 0.6, 1.5), ("a6", 0, 0, 0.9, 1.2), ("a4", 0, 1, 0.7, 3.0),
+        # class 1: accuracy 5/6
+        ("b0", 1, 1, 0.9, 2.0), ("b1", 1, 1, 0.99, 0.1), ("b5", 1, 1, 0.95, 0.8),
+        ("b3", 1, 0, 0.8, 0.3), ("b7", 1, 1, 0.7, 1.1), ("b9", 1, 1, 0.5, 1.05)])
+    picked = {(g["class"], g["kind"]): [i["example_id"] for i in g["items"]] for g in galleries}
+    assert [g["class"] for g in galleries] == [0] * 4 + [1] * 4  # lowest accuracy first
+    assert picked == {
+        (0, "most_confident_correct"): ["a6", "a2"], (0, "most_confident_wrong"): ["a4"],
+        (0, "least_on_mask"): [], (0, "correct_least_on_mask"): [],
+        # the narrowest gallery takes b1 and b5; the others show the next candidates
+        (1, "correct_least_on_mask"): ["b1", "b5"], (1, "most_confident_wrong"): ["b3"],
+        (1, "most_confident_correct"): ["b0", "b7"], (1, "least_on_mask"): ["b9"]}
+    shown = [i for ids in picked.values() for i in ids]
+    assert len(shown) == len(set(shown)), "an example repeated on the slice"
+    notes = {(g["class"], g["kind"]): g["note"] for g in galleries}
+    assert notes[(0, "correct_least_on_mask")] == report_gallery.NONE_NOTES["correct_least_on_mask"]
+    assert notes[(0, "least_on_mask")] == report_gallery.ALREADY_SHOWN
+    assert notes[(1, "least_on_mask")] is None
+    for g in galleries:
+        if g["kind"] == "correct_least_on_mask":
+            assert all(i["label"] == i["predicted_class"] and i["lift"] < 1 for i in g["items"])
+    # Unlabeled: one gallery per predicted class, most confident first.
+    unlabeled = _picked([("u0", None, 0, 0.7, None), ("u1", None, 1, 0.9, None),
+                         ("u2", None, 1, 0.6, None)])
+    assert {(g["class"], g["kind"]): [i["example_id"] for i in g["items"]] for g in unlabeled} \
+        == {(1, "most_confident"): ["u1", "u2"], (0, "most_confident"): ["u0"]}
+
+
+def test_glossary_calibration_finding_and_page_title(tmp_path):
+    out = write_output(tmp_path / "out", 40)
+    run = json.loads((out / "run.json").read_text())
+    calibration = {"overall": 1.1, "site=a": 1.02, "site=b": 1.97}
+    for name, value in calibration.items():
+        run["tfma"]["metrics"][name].update({"calibration": value, "auc_precision_recall": 0.7})
+    (out / "run.json").write_text(json.dumps(run))
+    html = open(report.write_report(str(out))).read()
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    # Calibration outside [0.8, 1.25] is a finding: site=b only.
+    found = [f for f in summary["findings"] if f.startswith("Calibration")]
+    assert len(found) == 1 and "1.97 on site=b" in found[0] and "site=a" not in found[0]
+    # Every metric shown (table headers, localization, faithfulness, sanity, importance) is
+    # explained in the glossary, each with its own sentence, none with the unknown fallback.
+    glossary = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]+)</dd>", html))
+    headers = set(re.findall(r'<th title="[^"]+">([^<]+)</th>', html))
+    assert {"auc", "binary_accuracy", "calibration", "auc_precision_recall"} <= headers
+    expected = headers | {"mask energy", "lift", "pointing game", "IoU", "deletion AUC",
+                          "insertion AUC", "permutation importance", "confidence", "examples"}
+    assert expected <= set(glossary), expected - set(glossary)
+    assert all(text != report_glossary.UNKNOWN for text in glossary.values())
+    # The title names the model and the run's date, not the verdict.
+    title = re.search(r"<title>(.*)</title>", html).group(1)
+    assert title == "model.keras, 2026-01-01: xai-audit report"
+
+
+def test_calibration_finding_only_outside_the_range():
+    def metrics(value):
+        cell = {"value": value, "ci_low": None, "ci_high": None}
+        return {"overall": {"slice": "overall", "metrics": {"calibration": cell}}, "by_column": []}
+
+    assert report_text.calibration_findings(metrics(0.8)) == []
+    assert report_text.calibration_findings(metrics(1.25)) == []
+    assert "0.79 on overall" in report_text.calibration_findings(metrics(0.79))[0]
+    assert report_text.calibration_findings(None) == []
 
 
 def test_report_of_ten_thousand_examples_stays_under_5_mb(tmp_path):
@@ -229,7 +302,8 @@ def test_report_of_ten_thousand_examples_stays_under_5_mb(tmp_path):
     assert len(by_site["slices"]) == report_summary.MAX_SLICE_ROWS
     assert by_site["slices_not_shown"] == 40 - report_summary.MAX_SLICE_ROWS
     assert len(summary["localization"]["rows"]) == 1 + report_summary.MAX_SLICE_ROWS
-    assert thumbnails <= report_gallery.MAX_SLICES * 4 * report_gallery.PER_GALLERY
+    assert thumbnails <= (report_gallery.MAX_SLICES * report_gallery.MAX_CLASSES * 4
+                          * report_gallery.PER_GALLERY)
     html = open(path).read()
     assert html.count('<figure class="thumb">') == thumbnails and "map only" not in html
 
