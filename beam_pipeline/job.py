@@ -457,11 +457,13 @@ def _exit_code(gates: List[dict]) -> int:
     return EXIT_GATE if failed else EXIT_OK
 
 
-def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
+def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full") -> int:
     """Plan, run, account, gate. Returns the exit code (DESIGN.md).
 
     Outputs are written into a staging folder and promoted to their final names after the
     pipeline, run.json last (``outputs``); a ``--dry_run`` stops after translating the job.
+    ``summary``: what is printed on stdout at the end (``terminal_summary``): ``full``,
+    ``quiet`` (the verdict and the report path) or ``none`` (the caller prints it).
     """
     started = runinfo.now_iso()
     options = PipelineOptions(list(beam_args))
@@ -531,16 +533,29 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     # run.json last and atomically: its presence means every other output is complete.
     outputs.write_json_atomic(pipeline.output_path(final, outputs.RUN_JSON), payload)
     outputs.finish(staging)
-    _log_summary(payload, final)
-    report_written = write_report_after_run(final)
+    LOG.info("Pipeline finished in %.1f s; writing the compliance report.",
+             plan.timings["pipeline_s"])
+    report_path = write_report_after_run(final)
+    if not report_path and exit_code == EXIT_OK:
+        exit_code = EXIT_REPORT
+    if summary != "none":
+        print_summary(payload, report_path, final, exit_code, quiet=summary == "quiet")
     if evaluation_error:
         raise evaluation_error
-    if not report_written and exit_code == EXIT_OK:
-        return EXIT_REPORT
     return exit_code
 
 
-def write_report_after_run(output: str) -> bool:
+def print_summary(run: dict, report_path: Optional[str], output: str, exit_code: int,
+                  quiet: bool = False) -> None:
+    """The end-of-run summary on stdout (the log goes to stderr): what a person reads first."""
+    from . import terminal_summary
+
+    lines = terminal_summary.summary_lines(run, report_path, runinfo.absolute_uri(output),
+                                           exit_code, quiet)
+    print("\n" + "\n".join(lines), flush=True)
+
+
+def write_report_after_run(output: str) -> Optional[str]:
     """The compliance report from the finished run's files. It comes after run.json, so a
     failure here loses nothing of the audit: it is logged (with the traceback, as it is a bug or
     an environment problem, not a user error) and the run's exit code says so (5) when it would
@@ -553,9 +568,8 @@ def write_report_after_run(output: str) -> bool:
         LOG.exception(
             "The audit is done and run.json is written, but the compliance report could not be "
             "written. Re-render it with `xai-audit report %s` once the cause is fixed.", output)
-        return False
-    LOG.info("Compliance report: %s", path)
-    return True
+        return None
+    return runinfo.absolute_uri(path)
 
 
 def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code) -> dict:
@@ -571,6 +585,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "exit_code": exit_code,
         "model": {
             "path": req.model,
+            "absolute_path": runinfo.absolute_uri(req.model),
             "sha256": plan.model_sha256,
             "input_shape": [info.height, info.width, info.channels],
             "num_classes": info.num_classes,
@@ -582,6 +597,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         },
         "data": {
             "uri": req.data,
+            "absolute_uri": runinfo.absolute_uri(req.data),
             "kind": config.source.kind,
             "fingerprint": config.source.fingerprint,
             "labeled": config.source.labeled,
@@ -601,27 +617,3 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "quality": _quality_summary(plan),
         "gates": gates,
     }
-
-
-def _log_summary(payload: dict, output: str) -> None:
-    counts = payload["counts"]
-    LOG.info(
-        "Done: %d examples in, %d audited, %d failed (error rate %.2f%%) in %.1f s; outputs in %s",
-        counts["examples_in"], counts["examples_ok"], counts["examples_failed"],
-        100 * counts["error_rate"], payload["timings_s"]["pipeline_s"], output,
-    )
-    if payload["exit_code"] == EXIT_ERROR_RATE:
-        LOG.error(
-            "%d of %d examples failed (%.2f%%), above --max-error-rate %.4g: the run is marked "
-            "failed (exit 4). The reasons are in %s/errors/.",
-            counts["examples_failed"], counts["examples_in"], 100 * counts["error_rate"],
-            payload["options"]["max_error_rate"], output,
-        )
-    for gate in payload["gates"]:
-        if not gate["passed"] and gate["gate"] != "max_error_rate":
-            value = gate["value"]
-            LOG.error("Gate failed: %s %s at %s = %s (bound %s)", gate["gate"], gate["metric"],
-                      gate["slice"], f"{value:.4f}" if isinstance(value, float) else value,
-                      gate["bound"])
-    if not counts["accounting_ok"]:
-        LOG.warning("Accounting mismatch: examples in != audited + failed. See run.json counts.")

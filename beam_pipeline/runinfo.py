@@ -6,6 +6,7 @@ will see, not from what the job believes it wrote.
 import datetime
 import io
 import json
+import os
 import platform
 import sys
 from importlib import metadata
@@ -112,3 +113,11 @@ def command_line() -> List[str]:
 
 def tool_version() -> str:
     return __version__
+
+
+def absolute_uri(path: str) -> str:
+    """A URI (``gs://...``) as it is; a local path made absolute, so that run.json and the report
+    still name the file after the folder is moved or read from another working directory."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
