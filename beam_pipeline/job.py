@@ -289,6 +289,19 @@ def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
+def progress_workers(options: PipelineOptions) -> int:
+    """How many processes share the stages' progress: 1 in-process (threads share one count),
+    --direct_num_workers with multi_processing, 0 (unknown: no total) on a remote runner."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        return 0
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        return max(1, direct.direct_num_workers or 1)
+    return 1
+
+
 def is_dry_run(options: PipelineOptions) -> bool:
     """Beam's ``--dry_run`` takes a value (``--dry_run=True``); the CLI turns a bare flag into it."""
     from apache_beam.options.pipeline_options import TestOptions
@@ -479,6 +492,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full"
     run_id = outputs.new_run_id()
     staging = outputs.staging_path(final, run_id)
     config.output = staging  # every transform writes under the staging folder
+    config.progress_workers = progress_workers(options)
     if dry_run:
         return _translate_only(req, plan, beam_args, final)
 
