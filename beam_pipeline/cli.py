@@ -199,6 +199,9 @@ def _configure_logging(level: str = "info") -> None:
         ours.addHandler(handler)
     ours.setLevel(level.upper())
     ours.propagate = False
+    from . import worker_logs
+
+    worker_logs.install(level)  # worker processes' lines, unpacked (multi_processing)
     if level == "debug":  # everything the libraries say, TensorFlow's C++ start-up lines too
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         for library in ("apache_beam", "absl", "h5py", "tensorflow"):
@@ -211,30 +214,6 @@ def _configure_logging(level: str = "info") -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="tensorflow_model_analysis")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the process's stderr closed for the import only.
-
-    TF 2.21 writes its start-up lines (oneDNN notice, "Could not find cuda drivers") from C++
-    before absl logging is initialized, ignoring TF_CPP_MIN_LOG_LEVEL, once per native library
-    loaded; only the file descriptor can hold them back. An import error still raises (and is
-    reported) after stderr is restored. --log-level debug keeps them.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (embedded, captured): nothing to hide
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _request_from_args(args) -> "AuditRequest":
@@ -269,7 +248,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     level = _log_level(args)
     _configure_logging(level)
     if args.command in ("run", "demo") and level != "debug":
-        _import_tensorflow_quietly()
+        from .worker_logs import QUIET_TF_ENV, import_tensorflow_quietly
+
+        os.environ[QUIET_TF_ENV] = "1"  # Beam's worker processes inherit it (__init__.py)
+        import_tensorflow_quietly()
     summary = "quiet" if getattr(args, "quiet", False) else "full"
     try:
         if args.command == "run":

@@ -73,6 +73,8 @@ class StageProgress:
             self.start = self.last = now
             to_go = (f"{self.share} {self.unit} to go" if self.share
                      else f"{self.unit}: total unknown")
+            if self.share and self.workers > 1:
+                to_go += f" on this worker, of {self.total} over {self.workers} processes"
             LOG.info("%s: started (%s).", self.stage, to_go)
 
     def add(self, n: int) -> None:
