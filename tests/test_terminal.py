@@ -11,7 +11,7 @@ import sys
 
 import pandas as pd
 
-from beam_pipeline import cli, progress, terminal_summary
+from beam_pipeline import cli, progress, terminal_summary, worker_logs
 from conftest import LogLines, make_manifest
 
 
@@ -182,3 +182,33 @@ def test_demo_at_24_examples_exits_0_quietly(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("Verdict: ")
     assert lines[1] == f"Report: {out / 'report' / 'index.html'}"
     assert "oneDNN" not in proc.stderr  # TensorFlow's start-up lines stay out by default
+
+
+def _relayed(level, message, location):
+    """A worker's record as Beam's local job service relays it (one LogEntry on one line)."""
+    from apache_beam.portability.api import beam_fn_api_pb2
+
+    entry = beam_fn_api_pb2.LogEntry(message=message, log_location=location)
+    return logging.LogRecord(worker_logs.RELAY_LOGGER, level, __file__, 1, "Worker: %s",
+                             (str(entry).replace("\n", " "),), None)
+
+
+def test_worker_log_lines_are_unpacked_and_beam_notices_dropped():
+    logger = logging.getLogger("xai_audit")
+    collect = LogLines()
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    quiet = worker_logs.WorkerLogFilter()
+    try:
+        ours = _relayed(logging.INFO, 'Explain: started (20 examples to go "on" this worker).',
+                        "/x/beam_pipeline/progress.py:70")
+        notice = _relayed(logging.WARNING, "No semi_persistent_directory found: ...",
+                          "/x/apache_beam/runners/worker/sdk_worker_main.py:1")
+        chatter = _relayed(logging.INFO, "Creating state cache", "/x/apache_beam/a.py:3")
+        problem = _relayed(logging.ERROR, "disk full", "/x/apache_beam/io/filebasedsink.py:9")
+        assert [quiet.filter(r) for r in (ours, notice, chatter, problem)] == [False] * 4
+        assert worker_logs.WorkerLogFilter(keep_everything=True).filter(notice)
+    finally:
+        logger.removeHandler(collect)
+    assert collect.lines == ['Explain: started (20 examples to go "on" this worker).',
+                             "Beam worker: disk full"]
