@@ -262,8 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if beam_args:
                 parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
             from .report import write_report
+            from .runinfo import absolute_uri
 
-            print(write_report(args.dir))
+            print(absolute_uri(write_report(args.dir)))
             return 0
         from .demo_job import run_demo
 

@@ -164,7 +164,9 @@ def test_run_summary_paths_and_thumbnails_from_any_directory(tmp_path, rng, save
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert cli.main(["report", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", os.path.join("..", "work", "out")]) == 0
+    assert capsys.readouterr().out.strip() == str(index)  # absolute, whatever was typed
     assert _thumbnails(index.read_text()) == (shown, 0)
 
 
