@@ -566,7 +566,7 @@ def print_summary(run: dict, report_path: Optional[str], output: str, exit_code:
 
     lines = terminal_summary.summary_lines(run, report_path, runinfo.absolute_uri(output),
                                            exit_code, quiet)
-    print("\n" + "\n".join(lines), flush=True)
+    print(("" if quiet else "\n") + "\n".join(lines), flush=True)  # a blank line after the log
 
 
 def write_report_after_run(output: str) -> Optional[str]:
