@@ -300,6 +300,8 @@ class ExplainBatches(beam.DoFn):
         self.batches.inc()
         self.msecs.update(int((time.perf_counter() - start) * 1000))
         self.progress.add(len(batch))
+        if self.progress.finished and self.faithfulness_progress:
+            self.faithfulness_progress.finish()  # its sample is only about the size asked for
 
     def _explain(self, items):
         """(rows, the methods' outputs); on a failing batch, each example alone (no outputs)."""

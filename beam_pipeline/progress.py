@@ -83,13 +83,25 @@ class StageProgress:
             now = time.perf_counter()
             self._begin(now)
             self.done += n
-            if self.share and self.done >= self.share and not self.finished:
-                self.finished = True
-                elapsed = now - self.start
-                rate = self.done / elapsed if elapsed > 0 else 0.0
-                LOG.info("%s: finished, %d %s in %s (%.1f %s).", self.stage, self.done, self.unit,
-                         format_duration(elapsed), rate, self.rate_unit)
+            if self.share and self.done >= self.share:
+                self._finish(now)
             elif now - self.last >= self.every_s:
                 self.last = now
                 LOG.info("%s", progress_line(self.stage, self.done, self.total, now - self.start,
                                              self.unit, self.rate_unit, self.workers))
+
+    def finish(self) -> None:
+        """The stage is over before its count reached the total (a sampled stage whose sample
+        came out smaller than expected): the end note now, if it started and is not done."""
+        with self.lock:
+            if self.start is not None:
+                self._finish(time.perf_counter())
+
+    def _finish(self, now: float) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        LOG.info("%s: finished, %d %s in %s (%.1f %s).", self.stage, self.done, self.unit,
+                 format_duration(elapsed), rate, self.rate_unit)

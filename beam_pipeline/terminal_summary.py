@@ -25,15 +25,14 @@ EXIT_MEANINGS = {
 }
 
 
-def _number(value) -> str:
+def _number(value, count: bool = False) -> str:
+    """A metric to 3 decimals; a count (``count``, or the example_count metric) as an integer."""
     if isinstance(value, dict):
         value = value.get("value")
     number = report_summary.as_number(value)
     if number is None:
         return "n/a"
-    if float(number).is_integer() and abs(number) >= 1:
-        return f"{int(number):,}"
-    return f"{number:.3f}"
+    return f"{int(number):,}" if count else f"{number:.3f}"
 
 
 def gate_sentence(gate: dict, counts: dict) -> str:
@@ -78,16 +77,21 @@ def _metric_lines(run: dict) -> List[str]:
     overall = metrics.get("overall")
     if overall:
         shown = [(m, c) for m, c in overall["metrics"].items() if c is not None][:MAX_METRICS]
-        lines.append("Overall: " + ", ".join(f"{m} {_number(c)}" for m, c in shown) + ".")
+        lines.append("Overall: " + ", ".join(
+            f"{m} {_number(c, m == 'example_count')}" for m, c in shown) + ".")
     primary = metrics["primary"]
     worst = []
     for group in metrics["by_column"][:MAX_SLICE_COLUMNS]:
-        row = group["slices"][0]
-        value = (row["metrics"].get(primary) or {}).get("value")
-        if value is None or len(group["slices"]) < 2:
+        values = [(r["metrics"].get(primary) or {}).get("value") for r in group["slices"]]
+        known = [v for v in values if v is not None]
+        if len(known) < 2:
+            continue  # one slice, or none with a defined value: nothing is worst
+        row = group["slices"][0]  # worst first (report_summary.metrics_summary)
+        if min(known) == max(known):
+            worst.append(f"  {group['column']}: every slice at {primary} {_number(known[0])}")
             continue
-        worst.append(f"  {group['column']}: {row['slice']} ({primary} {_number(value)}, "
-                     f"n={_number(row['n'])})")
+        worst.append(f"  {group['column']}: {row['slice']} ({primary} {_number(values[0])}, "
+                     f"n={_number(row['n'], count=True)})")
     if worst:
         lines += [f"Worst slice by {primary}:"] + worst
     return lines

@@ -33,8 +33,10 @@ def _run(exit_code=0, gates=None, tfma=None, errors=None):
             # One class only: TFMA's AUC of 0 is undefined there, not the worst slice.
             "scanner=x": {"example_count": 10.0, "auc": 0.0, "binary_accuracy": 1.0,
                           "mean_label": 1.0},
-            "scanner=y": {"example_count": 90.0, "auc": 0.9, "binary_accuracy": 0.87,
+            "scanner=y": {"example_count": 60.0, "auc": 0.9, "binary_accuracy": 0.87,
                           "mean_label": 0.4},
+            "scanner=z": {"example_count": 30.0, "auc": 0.93, "binary_accuracy": 0.9,
+                          "mean_label": 0.6},
         }},
     }
 
@@ -47,9 +49,12 @@ def test_summary_of_a_passing_run():
     assert not any("FAILED" in line for line in lines)
     assert "Overall: example_count 100, auc 0.910, binary_accuracy 0.880." in lines
     assert "  site: site=b (auc 0.810, n=50)" in lines
-    assert "  scanner: scanner=y (auc 0.900, n=90)" in lines  # not the one-class scanner=x
+    assert "  scanner: scanner=y (auc 0.900, n=60)" in lines  # not the one-class scanner=x
     assert "Errors by type: corrupt_image 1 (rows in errors/)." in lines
     assert len(lines) <= 20
+    equal = _run()
+    equal["tfma"]["metrics"]["site=b"]["auc"] = 0.95
+    assert "  site: every slice at auc 0.950" in terminal_summary.summary_lines(equal, "r")
     quiet = terminal_summary.summary_lines(_run(), "/abs/out/report/index.html", quiet=True)
     assert quiet == [lines[0], lines[-1]]
 
@@ -106,6 +111,11 @@ def test_stage_progress_logs_start_progress_and_end():
         stage.add(32)
         stage.add(32)
         stage.add(1)  # past the total: no second end note
+        stage.finish()
+        sampled = progress.StageProgress("Faithfulness", 10, every_s=60.0)
+        sampled.finish()  # never started: no note
+        sampled.add(8)
+        sampled.finish()  # its sample came out smaller than expected
     finally:
         logger.removeHandler(collect)
     assert collect.lines[0] == "Explain: started (64 examples to go)."
@@ -113,7 +123,11 @@ def test_stage_progress_logs_start_progress_and_end():
                         collect.lines[1])
     assert re.fullmatch(r"Explain: finished, 64 examples in \d+ s \([\d.]+ images/s\)\.",
                         collect.lines[2])
-    assert len([line for line in collect.lines if "finished" in line]) == 1
+    assert len([line for line in collect.lines if "Explain: finished" in line]) == 1
+    assert collect.lines[3] == "Faithfulness: started (10 examples to go)."
+    assert re.fullmatch(r"Faithfulness: finished, 8 examples in \d+ s \([\d.]+ images/s\)\.",
+                        collect.lines[4])
+    assert len(collect.lines) == 5
 
 
 def _thumbnails(html):
