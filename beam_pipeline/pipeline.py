@@ -140,14 +140,14 @@ class DecodeExamples(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "decode_failed")
         self.usecs = Metrics.distribution(NAMESPACE, "decode_usecs")
 
-    def process(self, ref: ExampleRef):
+    def process(self, ref: ExampleRef, total: int = 0):
         start = time.perf_counter()
         try:
             example = decode_ref(ref, self.config)
         except ExampleError as exc:
             self.failed.inc()
             # Handled too: the explain stage's count reaches its total with bad files in it.
-            stage_progress(self.config, EXPLAIN_STAGE, self.config.source.examples_expected).add(1)
+            stage_progress(self.config, EXPLAIN_STAGE, explain_total(self.config, total)).add(1)
             yield beam.pvalue.TaggedOutput(
                 ERRORS, error_row(ref.example_id, ref.source, exc.stage, exc.error_type, exc.message)
             )
@@ -181,6 +181,13 @@ def stage_progress(cfg: AuditConfig, stage: str, total: Optional[int], unit: str
     return _shared(key, lambda: progress.StageProgress(
         stage, total if workers else None,
         cfg.progress_every_s if every_s is None else every_s, unit, rate_unit, max(1, workers)))
+
+
+def explain_total(cfg: AuditConfig, counted: int) -> Optional[int]:
+    """Examples that reach decoding: the job's count of enumerated examples when it is computed
+    (sampling needs it; rows the enumeration already turned into errors are not in it), else
+    the number known when planning (folders, manifests), else unknown (TFRecords)."""
+    return counted or cfg.source.examples_expected or None
 
 
 def _input_shape(cfg: AuditConfig) -> tuple:
@@ -264,7 +271,7 @@ class ExplainBatches(beam.DoFn):
         """The explain (and faithfulness) counters: the total is known at planning for folders
         and manifests, else from the count of examples when sampling needs it."""
         cfg = self.config
-        known = cfg.source.examples_expected or total or None
+        known = explain_total(cfg, total)
         self.progress = stage_progress(cfg, EXPLAIN_STAGE, known)
         self.faithfulness_progress = None
         if cfg.faithfulness_sample:
@@ -648,10 +655,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         | "GroupById" >> beam.GroupByKey()
         | "UniqueIds" >> beam.ParDo(KeepOnePerId()).with_outputs(ERRORS, main="refs")
     )
-    decoded = (
-        unique.refs
-        | "Decode" >> beam.ParDo(DecodeExamples(config)).with_outputs(ERRORS, main="examples")
-    )
     # Sampling rates and importance buckets come from the number of refs as enumerated, before
     # the grouping by id: a side input computed upstream of that grouping is ready before the
     # stage that decodes, so decoding, explaining and writing stay one fused stage and decoded
@@ -661,6 +664,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
     count = beam.pvalue.AsSingleton(
         enumerated.refs | "CountExamples" >> beam.combiners.Count.Globally())
     total = count if sampling else 0
+    decoded = (
+        unique.refs
+        | "Decode" >> beam.ParDo(DecodeExamples(config), total).with_outputs(
+            ERRORS, main="examples")
+    )
     explained = (
         decoded.examples
         | "Batch" >> beam.BatchElements(

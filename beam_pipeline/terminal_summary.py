@@ -42,12 +42,11 @@ def gate_sentence(gate: dict, counts: dict) -> str:
 
 def verdict_line(run: dict, exit_code: Optional[int] = None) -> str:
     code = run.get("exit_code") if exit_code is None else exit_code
-    passed = code in (0, 5)
     word = "PASSED" if code == 0 else ("PASSED, NO REPORT" if code == 5 else "FAILED")
     counts = run.get("counts") or {}
     failed = [g for g in run.get("gates") or [] if not g.get("passed")]
     detail = EXIT_MEANINGS.get(code, "see run.json")
-    if failed and not passed:
+    if failed and code in (3, 4):  # the gates decided; exit 1 (no metrics) says so itself
         detail = f"{len(failed)} of {len(run.get('gates') or [])} gates failed"
     return (f"Verdict: {word} (exit {code}: {detail}); {counts.get('examples_in', 0)} examples in, "
             f"{counts.get('examples_ok', 0)} audited, {counts.get('examples_failed', 0)} failed.")

@@ -83,6 +83,10 @@ def test_summary_of_a_failing_run_names_every_failed_gate():
            "(rows in errors/)." in lines
     assert lines[-1] == ("Report: not written (see the log above); re-render it with "
                          "`xai-audit report /abs/out`.")
+    broken = _run(exit_code=1, tfma={"error": "TFMA ran but computed no metrics."})
+    lines = terminal_summary.summary_lines(broken, "r")
+    assert lines[0].startswith("Verdict: FAILED (exit 1: the run could not be completed)")
+    assert "  FAILED: the sliced evaluation failed: TFMA ran but computed no metrics." in lines
     skipped = _run(tfma={"skipped_because": "the data has no labels"})
     assert ("Metrics: none (TFMA skipped: the data has no labels)."
             in terminal_summary.summary_lines(skipped, "r"))
