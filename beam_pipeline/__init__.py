@@ -8,11 +8,3 @@ synthetic dataset and model.
 """
 
 __version__ = "0.1.0"
-
-# Beam's worker processes (multi_processing) import this package before TensorFlow when they
-# unpickle the job's first transforms: there, as in the launcher, TF's start-up lines stay out
-# of the default output (the CLI sets the variable; --log-level debug does not).
-if __import__("os").environ.get("XAI_AUDIT_QUIET_TF") == "1":
-    from .worker_logs import import_tensorflow_quietly
-
-    import_tensorflow_quietly()

@@ -248,9 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     level = _log_level(args)
     _configure_logging(level)
     if args.command in ("run", "demo") and level != "debug":
-        from .worker_logs import QUIET_TF_ENV, import_tensorflow_quietly
+        from .worker_logs import import_tensorflow_quietly
 
-        os.environ[QUIET_TF_ENV] = "1"  # Beam's worker processes inherit it (__init__.py)
         import_tensorflow_quietly()
     summary = "quiet" if getattr(args, "quiet", False) else "full"
     try:

@@ -8,9 +8,9 @@ lines go to the ``xai_audit`` logger as if logged in-process, other workers' war
 follow as "Beam worker: <message>", and Beam's known start-up notices are dropped (all of them
 are kept with ``--log-level debug``).
 
-``import_tensorflow_quietly`` keeps TensorFlow's C++ start-up lines out of the default output, in
-the launcher and (through ``QUIET_TF_ENV``, read by the package's ``__init__``) in Beam's worker
-processes.
+``import_tensorflow_quietly`` keeps TensorFlow's C++ start-up lines out of the launcher's default
+output. Worker processes still print theirs: they import TensorFlow while unpickling TFMA's
+transforms, before any code of ours runs there.
 """
 import logging
 import os
@@ -21,8 +21,6 @@ RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
 # Beam worker start-up notices with nothing for the user to do.
 KNOWN_NOTICES = ("No semi_persistent_directory found",)
 PACKAGE_MARKER = "beam_pipeline"  # in the log location (file path) of the job's own lines
-# Set by the CLI (not with --log-level debug): worker processes import TensorFlow quietly too.
-QUIET_TF_ENV = "XAI_AUDIT_QUIET_TF"
 
 
 def parse_entry(text: str):
