@@ -27,6 +27,9 @@ EPILOG = (
 )
 
 
+LOG_LEVELS = ("debug", "info", "warning")
+
+
 def _comma_list(text: str) -> List[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -87,6 +90,16 @@ def _float_in(low: float, high: float = math.inf, low_open: bool = False):
 
 def _add_beam_help(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """What the command prints: the end-of-run summary on stdout, the log on stderr."""
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the verdict line and the report path at the end, and "
+                             "log warnings only (unless --log-level is given)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="progress log detail: debug adds Beam's and TensorFlow's own "
+                             "messages; warning shows problems only [info]")
 
 
 def _add_run_options(run: argparse.ArgumentParser) -> None:
@@ -185,6 +198,7 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="replace an earlier run in --output (only the files a run writes are "
                           "removed first) and take over the lock a killed run left; without it "
                           "a folder holding a run is refused")
+    _add_output_options(run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", type=_method_list, default=["gradcam"],
                       help="attribution methods of the demo audit, as for run [gradcam]")
     demo.add_argument("--layer", default="auto", help="layer(s) of the demo audit, as for run [auto]")
+    _add_output_options(demo)
     _add_beam_help(demo)
     report = commands.add_parser(
         "report", help="re-render DIR/report/ (index.html, summary.json) from the files in DIR",
@@ -249,15 +264,29 @@ def _normalize_dry_run(beam_args: Sequence[str]) -> List[str]:
     return args
 
 
-def _configure_logging() -> None:
+def _log_level(args) -> str:
+    """--log-level, else warning with --quiet, else info (``report`` has neither option)."""
+    chosen = getattr(args, "log_level", None)
+    return chosen or ("warning" if getattr(args, "quiet", False) else "info")
+
+
+def _configure_logging(level: str = "info") -> None:
     # TensorFlow/absl install a root handler on import, so ours gets its own handler.
     ours = logging.getLogger("xai_audit")
     if not ours.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
+    ours.setLevel(level.upper())
     ours.propagate = False
+    from . import worker_logs
+
+    worker_logs.install(level)  # worker processes' lines, unpacked (multi_processing)
+    if level == "debug":  # everything the libraries say, TensorFlow's C++ start-up lines too
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        for library in ("apache_beam", "absl", "h5py", "tensorflow"):
+            logging.getLogger(library).setLevel(logging.INFO)
+        return
     for noisy in ("apache_beam", "absl", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # TF and TFMA deprecation notices and TFMA's divide-by-zero warnings on one-class slices
@@ -299,23 +328,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, beam_args = parser.parse_known_args(argv)
     _check_beam_args(parser, beam_args)
     beam_args = _normalize_dry_run(beam_args)
-    _configure_logging()
+    level = _log_level(args)
+    _configure_logging(level)
+    if args.command in ("run", "demo") and level != "debug":
+        from .worker_logs import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+    summary = "quiet" if getattr(args, "quiet", False) else "full"
     try:
         if args.command == "run":
             from .job import run_audit
 
-            return run_audit(_request_from_args(args), beam_args)
+            return run_audit(_request_from_args(args), beam_args, summary)
         if args.command == "report":
             if beam_args:
                 parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
             from .report import write_report
+            from .runinfo import absolute_uri
 
-            print(write_report(args.dir))
+            print(absolute_uri(write_report(args.dir)))
             return 0
         from .demo_job import run_demo
 
         return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,
-                        methods=args.methods, layer=args.layer)
+                        methods=args.methods, layer=args.layer, summary=summary)
     except AuditError as exc:
         # Long paths, layer names and URIs stay whole (copy-pastable) rather than split.
         message = textwrap.fill(str(exc), width=100, break_long_words=False,

@@ -323,6 +323,19 @@ def make_pipeline(beam_args: Sequence[str]) -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
+def progress_workers(options: PipelineOptions) -> int:
+    """How many processes share the stages' progress: 1 in-process (threads share one count),
+    --direct_num_workers with multi_processing, 0 (unknown: no total) on a remote runner."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+        return 0
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        return max(1, direct.direct_num_workers or 1)
+    return 1
+
+
 def is_dry_run(options: PipelineOptions) -> bool:
     """Beam's ``--dry_run`` takes a value (``--dry_run=True``); the CLI turns a bare flag into it."""
     from apache_beam.options.pipeline_options import TestOptions
@@ -521,11 +534,13 @@ def _exit_code(gates: List[dict]) -> int:
     return EXIT_GATE if failed else EXIT_OK
 
 
-def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
+def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full") -> int:
     """Plan, run, account, gate. Returns the exit code (DESIGN.md).
 
     Outputs are written into a staging folder and promoted to their final names after the
     pipeline, run.json last (``outputs``); a ``--dry_run`` stops after translating the job.
+    ``summary``: what is printed on stdout at the end (``terminal_summary``): ``full``,
+    ``quiet`` (the verdict and the report path) or ``none`` (the caller prints it).
     """
     started = runinfo.now_iso()
     options = PipelineOptions(list(beam_args))
@@ -540,6 +555,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     if dry_run:
         plan = plan_audit(req)
         plan.config.output = outputs.staging_path(final, run_id)
+        plan.config.progress_workers = progress_workers(options)
         return _translate_only(req, plan, beam_args, final)
     if not req.overwrite:  # refuse before the (slow) planning; reads only
         outputs.refuse_earlier_run(final)
@@ -582,6 +598,7 @@ def _run_locked(req: AuditRequest, beam_args: Sequence[str], started: str, run_i
     final = config.output
     staging = outputs.staging_path(final, run_id)
     config.output = staging  # every transform writes under the staging folder
+    config.progress_workers = progress_workers(PipelineOptions(list(beam_args)))
 
     outputs.prepare_folder(final, req.overwrite)
     outputs.start_staging(staging, run_id, started)
@@ -637,16 +654,29 @@ def _run_locked(req: AuditRequest, beam_args: Sequence[str], started: str, run_i
     # run.json last and atomically: its presence means every other output is complete.
     outputs.write_json_atomic(pipeline.output_path(final, outputs.RUN_JSON), payload)
     outputs.finish(staging)
-    _log_summary(payload, final)
-    report_written = write_report_after_run(final)
+    LOG.info("Pipeline finished in %.1f s; writing the compliance report.",
+             plan.timings["pipeline_s"])
+    report_path = write_report_after_run(final)
+    if not report_path and exit_code == EXIT_OK:
+        exit_code = EXIT_REPORT
+    if summary != "none":
+        print_summary(payload, report_path, final, exit_code, quiet=summary == "quiet")
     if evaluation_error:
         raise evaluation_error
-    if not report_written and exit_code == EXIT_OK:
-        return EXIT_REPORT
     return exit_code
 
 
-def write_report_after_run(output: str) -> bool:
+def print_summary(run: dict, report_path: Optional[str], output: str, exit_code: int,
+                  quiet: bool = False) -> None:
+    """The end-of-run summary on stdout (the log goes to stderr): what a person reads first."""
+    from . import terminal_summary
+
+    lines = terminal_summary.summary_lines(run, report_path, runinfo.absolute_uri(output),
+                                           exit_code, quiet)
+    print(("" if quiet else "\n") + "\n".join(lines), flush=True)  # a blank line after the log
+
+
+def write_report_after_run(output: str) -> Optional[str]:
     """The compliance report from the finished run's files. It comes after run.json, so a
     failure here loses nothing of the audit: it is logged (with the traceback, as it is a bug or
     an environment problem, not a user error) and the run's exit code says so (5) when it would
@@ -659,9 +689,8 @@ def write_report_after_run(output: str) -> bool:
         LOG.exception(
             "The audit is done and run.json is written, but the compliance report could not be "
             "written. Re-render it with `xai-audit report %s` once the cause is fixed.", output)
-        return False
-    LOG.info("Compliance report: %s", path)
-    return True
+        return None
+    return runinfo.absolute_uri(path)
 
 
 def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code) -> dict:
@@ -677,6 +706,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "exit_code": exit_code,
         "model": {
             "path": req.model,
+            "absolute_path": runinfo.absolute_uri(req.model),
             "sha256": plan.model_sha256,
             "input_shape": [info.height, info.width, info.channels],
             "num_classes": info.num_classes,
@@ -689,6 +719,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         },
         "data": {
             "uri": req.data,
+            "absolute_uri": runinfo.absolute_uri(req.data),
             "kind": config.source.kind,
             "fingerprint": config.source.fingerprint,
             "labeled": config.source.labeled,
@@ -716,27 +747,3 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,
                                                 plan.performance_thresholds),
     }
-
-
-def _log_summary(payload: dict, output: str) -> None:
-    counts = payload["counts"]
-    LOG.info(
-        "Done: %d examples in, %d audited, %d failed (error rate %.2f%%) in %.1f s; outputs in %s",
-        counts["examples_in"], counts["examples_ok"], counts["examples_failed"],
-        100 * counts["error_rate"], payload["timings_s"]["pipeline_s"], output,
-    )
-    if counts.get("examples_unlabeled") and payload["data"]["labeled"]:
-        LOG.warning("%s", runinfo.unlabeled_sentence(counts))
-    if payload["exit_code"] == EXIT_ERROR_RATE:
-        LOG.error(
-            "%d of %d examples failed (%.2f%%), above --max-error-rate %.4g: the run is marked "
-            "failed (exit 4). The reasons are in %s/errors/.",
-            counts["examples_failed"], counts["examples_in"], 100 * counts["error_rate"],
-            payload["options"]["max_error_rate"], output,
-        )
-    for gate in payload["gates"]:
-        if not gate["passed"] and gate["gate"] != "max_error_rate":
-            LOG.error("Gate %s failed: %s", gate["gate"], gate["message"])
-    LOG.info("Verdict scope: %s", payload["verdict_scope"]["statement"])
-    if not counts["accounting_ok"]:
-        LOG.warning("Accounting mismatch: examples in != audited + failed. See run.json counts.")

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
-               model_io, quality, sources)
+               model_io, progress, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
@@ -29,6 +29,8 @@ LOG = logging.getLogger("xai_audit")
 ERRORS = "errors"
 SWEEP, SWEEP_MAPS = "sweep", "sweep_maps"
 NAMESPACE = "xai_audit"
+EXPLAIN_STAGE, FAITHFULNESS_STAGE, IMPORTANCE_STAGE, SANITY_STAGE = (
+    "Explain", "Faithfulness", "Permutation importance", "Sanity check")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class AuditConfig:
     batch_size: int = 32
     unsafe_deserialization: bool = False
     progress_every_s: float = 10.0
+    # Worker processes sharing the stages (--direct_num_workers in multi_processing mode); each
+    # logs its share's progress. 0: unknown (Dataflow), progress is logged without a total.
+    progress_workers: int = 1
     eval_config: Any = None  # a completed TFMA EvalConfig, or None to skip TFMA
     methods: List[str] = field(default_factory=lambda: ["gradcam"])
     method_options: Dict[str, Any] = field(default_factory=dict)  # see make_method
@@ -135,12 +140,14 @@ class DecodeExamples(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "decode_failed")
         self.usecs = Metrics.distribution(NAMESPACE, "decode_usecs")
 
-    def process(self, ref: ExampleRef):
+    def process(self, ref: ExampleRef, total: int = 0):
         start = time.perf_counter()
         try:
             example = decode_ref(ref, self.config)
         except ExampleError as exc:
             self.failed.inc()
+            # Handled too: the explain stage's count reaches its total with bad files in it.
+            stage_progress(self.config, EXPLAIN_STAGE, explain_total(self.config, total)).add(1)
             yield beam.pvalue.TaggedOutput(
                 ERRORS, error_row(ref.example_id, ref.source, exc.stage, exc.error_type, exc.message)
             )
@@ -148,24 +155,6 @@ class DecodeExamples(beam.DoFn):
         finally:
             self.usecs.update(int((time.perf_counter() - start) * 1e6))
         yield example
-
-
-class ProgressLog:
-    """Logs examples done and images/s at most every ``every_s`` seconds (per worker)."""
-
-    def __init__(self, every_s: float):
-        self.every_s = every_s
-        self.start = time.perf_counter()
-        self.last = self.start
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every_s:
-            self.last = now
-            LOG.info("xai-audit: %d examples explained on this worker, %.1f images/s",
-                     self.done, self.done / (now - self.start))
 
 
 _SHARED: Dict[tuple, Any] = {}
@@ -179,6 +168,26 @@ def _shared(key: tuple, factory):
         if key not in _SHARED:
             _SHARED[key] = factory()
         return _SHARED[key]
+
+
+def stage_progress(cfg: AuditConfig, stage: str, total: Optional[int], unit: str = "examples",
+                   rate_unit: str = "images/s", every_s: Optional[float] = None,
+                   one_worker: bool = False) -> progress.StageProgress:
+    """The process's one progress counter of ``stage`` in this run (every DoFn instance on the
+    worker adds to it). ``total``: the whole stage's count, None when unknown; ``one_worker``:
+    the stage runs whole on one worker (the sanity check), so its total is not shared out."""
+    workers = 1 if one_worker and cfg.progress_workers else cfg.progress_workers
+    key = ("progress", stage, cfg.output)  # the run's own staging folder: a new run, new counts
+    return _shared(key, lambda: progress.StageProgress(
+        stage, total if workers else None,
+        cfg.progress_every_s if every_s is None else every_s, unit, rate_unit, max(1, workers)))
+
+
+def explain_total(cfg: AuditConfig, counted: int) -> Optional[int]:
+    """Examples that reach decoding: the job's count of enumerated examples when it is computed
+    (sampling needs it; rows the enumeration already turned into errors are not in it), else
+    the number known when planning (folders, manifests), else unknown (TFRecords)."""
+    return counted or cfg.source.examples_expected or None
 
 
 def _input_shape(cfg: AuditConfig) -> tuple:
@@ -249,7 +258,6 @@ class ExplainBatches(beam.DoFn):
     def setup(self):
         self.explainers = shared_explainers(self.config)
         self.predictor = shared_predictor(self.config) if self.config.faithfulness_sample else None
-        self.progress = ProgressLog(self.config.progress_every_s)
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
         target = self.config.target
@@ -259,9 +267,23 @@ class ExplainBatches(beam.DoFn):
             return [ex.label for ex in batch]
         return [int(target)] * len(batch)
 
+    def _progress(self, total: int) -> None:
+        """The explain (and faithfulness) counters: the total is known at planning for folders
+        and manifests, else from the count of examples when sampling needs it."""
+        cfg = self.config
+        known = explain_total(cfg, total)
+        self.progress = stage_progress(cfg, EXPLAIN_STAGE, known)
+        self.faithfulness_progress = None
+        if cfg.faithfulness_sample:
+            expected = min(cfg.faithfulness_sample, known) if known else None
+            self.faithfulness_progress = stage_progress(
+                cfg, FAITHFULNESS_STAGE, expected, unit="sampled examples")
+
     def process(self, batch: List[DecodedExample], total: int = 0):
         start = time.perf_counter()
         self.sample_rate = self.config.faithfulness_sample / total if total else 0.0
+        self._progress(total)
+        self.progress.begin()
         targets = self._targets(batch)
         ready = []
         for example, target in zip(batch, targets):
@@ -285,6 +307,8 @@ class ExplainBatches(beam.DoFn):
         self.batches.inc()
         self.msecs.update(int((time.perf_counter() - start) * 1000))
         self.progress.add(len(batch))
+        if self.progress.finished and self.faithfulness_progress:
+            self.faithfulness_progress.finish()  # its sample is only about the size asked for
 
     def _explain(self, items):
         """(rows, the methods' outputs); on a failing batch, each example alone (no outputs)."""
@@ -314,6 +338,7 @@ class ExplainBatches(beam.DoFn):
         sampled = [i for i, ex in enumerate(examples) if self._in_sample(ex)]
         if not sampled:
             return {}
+        self.faithfulness_progress.begin()
         for out in outs.values():
             deletion, insertion = quality.deletion_insertion(
                 self.predictor, images[sampled], out["maps"][sampled],
@@ -327,6 +352,7 @@ class ExplainBatches(beam.DoFn):
         deletion, insertion = quality.deletion_insertion(
             self.predictor, images[sampled], random_maps, first["target_class"][sampled],
             batch_size=self.config.batch_size)
+        self.faithfulness_progress.add(len(sampled))
         return {i: (float(d), float(v)) for i, d, v in zip(sampled, deletion, insertion)}
 
     def _sweep_outputs(self, examples: List[DecodedExample], sweep_maps: Dict[str, np.ndarray]):
@@ -439,10 +465,16 @@ class SanityCheck(beam.DoFn):
         layers = [name for name, _ in quality.parameterized_layers(model)]
         step = max(1, len(layers) // self.CHECKPOINTS)
         checkpoints = layers[step - 1::step]
+        # Maps recomputed per method: every example at every checkpoint and on the original.
+        per_method = len(examples) * (len(checkpoints) + 1)
+        counter = stage_progress(cfg, SANITY_STAGE, per_method * len(cfg.methods), unit="maps",
+                                 rate_unit="maps/s", every_s=0.0, one_worker=True)
         for name in cfg.methods if examples else []:
+            counter.begin()
             rows = quality.cascading_randomization(
                 model, functools.partial(_method_on_copy, cfg, name), images, targets, cfg.seed,
                 layers=checkpoints, batch_size=cfg.batch_size)
+            counter.add(per_method)
             flagged = quality.flag_insensitive(rows)
             for row in rows:
                 yield {"method": name, **row, "flagged": flagged}
@@ -473,10 +505,14 @@ class ShardImportance(beam.DoFn):
                 examples.append(example)
         return examples
 
-    def process(self, bucket_and_refs):
+    def process(self, bucket_and_refs, total: Optional[int] = None):
         bucket, refs = bucket_and_refs
+        refs = list(refs)  # paths only: about shard_size of them
         cfg = self.config
+        counter = stage_progress(cfg, IMPORTANCE_STAGE, total)
+        counter.begin()
         examples = self._labeled_examples(refs)
+        counter.add(len(refs) - len(examples))  # error rows and unlabeled: nothing to permute
         for shard, members in importance.split_into_shards(bucket, examples, cfg.shard_size):
             start = time.perf_counter()
             rows = importance.shard_importance(
@@ -492,6 +528,7 @@ class ShardImportance(beam.DoFn):
             self.shards.inc()
             self.forward_images.inc(len(members) * (1 + len(rows)))
             self.msecs.update(int((time.perf_counter() - start) * 1000))
+            counter.add(len(members))
             yield from rows
 
 
@@ -521,7 +558,7 @@ class PermutationImportance(beam.PTransform):
             refs
             | "ToBucket" >> beam.Map(bucket_of, self.count)
             | "GroupBuckets" >> beam.GroupByKey()
-            | "PermuteShards" >> beam.ParDo(ShardImportance(cfg))
+            | "PermuteShards" >> beam.ParDo(ShardImportance(cfg), self.count)
         )
         _ = (
             raw
@@ -632,10 +669,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         | "GroupById" >> beam.GroupByKey()
         | "UniqueIds" >> beam.ParDo(KeepOnePerId()).with_outputs(ERRORS, main="refs")
     )
-    decoded = (
-        unique.refs
-        | "Decode" >> beam.ParDo(DecodeExamples(config)).with_outputs(ERRORS, main="examples")
-    )
     # Sampling rates and importance buckets come from the number of refs as enumerated, before
     # the grouping by id: a side input computed upstream of that grouping is ready before the
     # stage that decodes, so decoding, explaining and writing stay one fused stage and decoded
@@ -645,6 +678,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
     count = beam.pvalue.AsSingleton(
         enumerated.refs | "CountExamples" >> beam.combiners.Count.Globally())
     total = count if sampling else 0
+    decoded = (
+        unique.refs
+        | "Decode" >> beam.ParDo(DecodeExamples(config), total).with_outputs(
+            ERRORS, main="examples")
+    )
     explained = (
         decoded.examples
         | "Batch" >> beam.BatchElements(

@@ -238,6 +238,8 @@ def write_report(output: str) -> str:
     run = load_run(output)
     summary = gather_summary(output, run)
     pictures = render_pictures(summary, run, output)
+    if pictures["galleries"]:
+        summary["images_read_from"] = report_gallery.data_location(run)
     if pictures["gallery_note"]:
         summary["gallery_note"] = (f"Thumbnails show the map alone where the image could not be "
                                    f"re-read: {pictures['gallery_note']}.")

@@ -172,24 +172,38 @@ def _image_spec(run: dict) -> Optional[decode.ImageSpec]:
     return decode.ImageSpec(int(height), int(width), 3 if channels != 1 else 1, "none")
 
 
+def data_location(run: dict) -> str:
+    """Where the report re-reads the data: the absolute path or URI the run recorded, so the
+    report renders the same from any working directory (runs before it was recorded: the path
+    as given)."""
+    data = run.get("data", {})
+    return data.get("absolute_uri") or data["uri"]
+
+
 def _source_spec(run: dict) -> sources.SourceSpec:
+    """The data source as the run read it: same columns and the same options (a manifest of
+    paths outside its folder is read only when the run allowed it)."""
     options = run.get("options", {})
     columns = sources.ColumnNames(options.get("image_column", "image"),
                                   options.get("label_column", "label"),
                                   options.get("mask_column", "mask"),
                                   options.get("id_column", "id"))
-    # The run's own reading bounds and outside-the-data rule (older runs: the defaults). Only
-    # the images are needed: no slice column (a binned one is not in the data).
+    # The run's own reading bounds and outside-the-data rule (older runs: the defaults), from
+    # the data's absolute location. Only the images are needed: no slice column (a binned one
+    # is not in the data).
     limits = sources.ReadLimits(
         options.get("max_image_bytes") or sources.DEFAULT_MAX_IMAGE_BYTES,
         options.get("read_timeout") or sources.DEFAULT_READ_TIMEOUT_S)
-    return sources.inspect_source(run["data"]["uri"], columns, [],
+    return sources.inspect_source(data_location(run), columns, [],
                                   bool(options.get("allow_paths_outside_data")), limits=limits)
 
 
 def _iter_source_refs(spec: sources.SourceSpec):
+    """The source's ExampleRefs; rows the job turned into error rows (dicts) are skipped."""
     if spec.kind != "tfrecord":
-        yield from sources.iter_refs(spec)
+        for ref in sources.iter_refs(spec):
+            if isinstance(ref, sources.ExampleRef):
+                yield ref
         return
     for path, file_id in sorted(sources.tfrecord_file_ids(spec.files).items()):
         for ref in sources.iter_tfrecord_refs(spec, path, file_id):
@@ -218,7 +232,7 @@ def read_images(run: dict, wanted: Set[str]):
                 LOG.warning("Report: could not re-read %s (%s)", ref.example_id, exc)
     except Exception as exc:
         LOG.warning("Report: the data could not be re-read for thumbnails: %s", exc)
-        return {}, f"the data at {run.get('data', {}).get('uri')} could not be re-read ({exc})"
+        return {}, f"the data at {data_location(run)} could not be re-read ({exc})"
     missing = len(wanted) - len(images)
     note = f"{missing} of {len(wanted)} images could not be re-read" if missing else None
     return images, note

@@ -6,6 +6,7 @@ will see, not from what the job believes it wrote.
 import datetime
 import io
 import json
+import os
 import platform
 import sys
 from importlib import metadata
@@ -120,3 +121,11 @@ def unlabeled_sentence(counts: dict) -> str:
     return (f"Metrics cover {ok - unlabeled:,} of {ok:,} audited examples; {unlabeled:,} have no "
             "label (they have maps and predictions, but are left out of TFMA metrics, gates and "
             "permutation importance).")
+
+
+def absolute_uri(path: str) -> str:
+    """A URI (``gs://...``) as it is; a local path made absolute, so that run.json and the report
+    still name the file after the folder is moved or read from another working directory."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))

@@ -1,12 +1,10 @@
-"""The Beam layer's own promises: the model never travels in the pipeline graph, and long runs
-log their progress."""
-import logging
-
+"""The Beam layer's own promises: the model never travels in the pipeline graph (progress
+lines: test_terminal.py)."""
 import apache_beam as beam
 import keras
 
 from beam_pipeline import job, pipeline
-from conftest import IMAGE_SIZE, LogLines, gap_model
+from conftest import IMAGE_SIZE, gap_model
 
 
 def _graph_bytes(model_path, data, output):
@@ -33,16 +31,3 @@ def test_model_is_loaded_on_workers_not_pickled_into_the_graph(tmp_path, folder_
     assert abs(with_big - with_small) < 10_000, (with_big, with_small)
     assert with_big < 2_000_000  # far under Dataflow's 10 MB cap, TFMA's transforms included
 
-
-def test_progress_log_reports_examples_and_rate():
-    logger = logging.getLogger("xai_audit")
-    collect = LogLines()
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
-        progress = pipeline.ProgressLog(every_s=0.0)
-        progress.add(32)
-        progress.add(32)
-    finally:
-        logger.removeHandler(collect)
-    assert any("64 examples explained" in line and "images/s" in line for line in collect.lines)
