@@ -563,7 +563,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full"
     # One run per folder: the lock is held from before planning until the report is written.
     outputs.acquire_lock(final, run_id, started, take_stale=req.overwrite)
     try:
-        return _run_locked(req, beam_args, started, run_id)
+        return _run_locked(req, beam_args, started, run_id, summary)
     finally:
         outputs.release_lock(final, run_id)
         if created and os.path.isdir(final) and not os.listdir(final):
@@ -591,8 +591,9 @@ def _check_output_target(output: str) -> None:
         )
 
 
-def _run_locked(req: AuditRequest, beam_args: Sequence[str], started: str, run_id: str) -> int:
-    """The run proper, with the output folder's lock held."""
+def _run_locked(req: AuditRequest, beam_args: Sequence[str], started: str, run_id: str,
+                summary: str) -> int:
+    """The run proper, with the output folder's lock held; ``summary`` as in run_audit."""
     plan = plan_audit(req)
     config = plan.config
     final = config.output
