@@ -490,6 +490,11 @@ def test_a_record_header_claiming_a_terabyte_ends_the_file_as_truncated(tmp_path
     length = struct.pack("<Q", 1 << 40)  # 1 TB, with a valid CRC: only the read can tell
     path = tmp_path / "huge.tfrecord"
     path.write_bytes(length + struct.pack("<I", sources._masked_crc32c(length)) + b"a few bytes")
-    with open(path, "rb") as handle:  # a real file: read(1 TB) allocates it up front
-        with pytest.raises(sources._BrokenFraming, match="truncated"):
+    with open(path, "rb") as handle:  # above --max-image-bytes: refused from the header alone
+        with pytest.raises(sources._BrokenFraming, match="above the limit") as refused:
             next(sources._read_records(handle))
+    assert refused.value.error_type == "file_too_large"
+    with open(path, "rb") as handle:  # a limit above 1 TB: read(1 TB) would allocate it up front
+        with pytest.raises(sources._BrokenFraming, match="truncated") as cut:
+            next(sources._read_records(handle, max_bytes=1 << 41))
+    assert cut.value.error_type == "truncated_file"
