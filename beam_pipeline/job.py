@@ -13,7 +13,7 @@ import io
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -72,6 +72,7 @@ class AuditRequest:
     baseline_gates: bool = True  # better than chance, not degenerate (labeled data)
     permutation_features: str = "patches:4x4"
     permutation_repeats: int = 3
+    importance_sample: Any = importance.DEFAULT_SAMPLE  # N, or "all"
     shard_size: int = 256
     overwrite: bool = False  # replace an earlier run in --output (else it is refused)
     allow_paths_outside_data: bool = False
@@ -251,6 +252,7 @@ def _plan_importance(req: AuditRequest, plan: Plan) -> None:
     cfg = plan.config
     cfg.permutation_repeats, cfg.shard_size, cfg.seed = (
         req.permutation_repeats, req.shard_size, req.seed)
+    cfg.importance_sample = importance.parse_sample(req.importance_sample)
     if not features:
         plan.importance_skipped_because = "--permutation-features none"
     elif not cfg.source.labeled:
@@ -458,7 +460,24 @@ def _quality_summary(plan: Plan) -> dict:
     return summary
 
 
-def _importance_summary(plan: Plan) -> dict:
+def _importance_sample(plan: Plan, rows: List[dict], counters: Dict[str, float]) -> dict:
+    """The sample importance ran on: asked for, used (examples in the figures), and the labeled
+    population it was drawn from (a Beam counter: None where the runner has no metrics)."""
+    cfg = plan.config
+    labeled = counters.get(pipeline.IMPORTANCE_LABELED)
+    return {
+        "requested": "all" if cfg.importance_sample is None else cfg.importance_sample,
+        "examples": max((r["n"] or 0 for r in rows), default=0),
+        "labeled_examples": None if labeled is None else int(labeled),
+        "selected": (None if counters.get(pipeline.IMPORTANCE_SAMPLED) is None
+                     else int(counters[pipeline.IMPORTANCE_SAMPLED])),
+        "seed": cfg.seed,
+        "selection": "every labeled example" if cfg.importance_sample is None else
+                     "the labeled examples with the smallest sha256(seed, id) keys",
+    }
+
+
+def _importance_summary(plan: Plan, counters: Optional[Dict[str, float]] = None) -> dict:
     cfg = plan.config
     if not cfg.permutation_features:
         return {"skipped_because": plan.importance_skipped_because}
@@ -471,6 +490,7 @@ def _importance_summary(plan: Plan) -> dict:
         "features": [f.name for f in cfg.permutation_features],
         "repeats": cfg.permutation_repeats,
         "shard_size": cfg.shard_size,
+        "sample": _importance_sample(plan, rows, counters or {}),
         "figures": rows,
     }
 
@@ -640,7 +660,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "timings_s": plan.timings,
         "beam_counters": counters,
         "tfma": tfma_summary,
-        "importance": _importance_summary(plan),
+        "importance": _importance_summary(plan, counters),
         "quality": _quality_summary(plan),
         "gates": gates,
         "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,

@@ -29,6 +29,8 @@ LOG = logging.getLogger("xai_audit")
 ERRORS = "errors"
 SWEEP, SWEEP_MAPS = "sweep", "sweep_maps"
 NAMESPACE = "xai_audit"
+# Beam counters run.json reads back: labeled refs, and those in the importance sample.
+IMPORTANCE_LABELED, IMPORTANCE_SAMPLED = "importance_labeled_refs", "importance_sampled_refs"
 
 
 @dataclass
@@ -56,6 +58,8 @@ class AuditConfig:
     sanity_sample: int = 0  # examples for the model-parameter randomization test
     permutation_features: List[Any] = field(default_factory=list)  # importance.Feature
     permutation_repeats: int = 3
+    # Labeled examples permutation importance runs on (a seeded sample); None: every one.
+    importance_sample: Optional[int] = importance.DEFAULT_SAMPLE
     shard_size: int = 256
     seed: int = 0
 
@@ -517,9 +521,14 @@ class PermutationImportance(beam.PTransform):
             buckets = max(1, math.ceil(total / cfg.shard_size))
             return importance.shard_bucket(ref.example_id, buckets), ref
 
+        labeled = refs | "LabeledRefs" >> beam.ParDo(CountLabeledRefs())
+        if cfg.importance_sample is None:
+            chosen, total = labeled, self.count
+        else:
+            chosen, total = self._sample(labeled)
         raw = (
-            refs
-            | "ToBucket" >> beam.Map(bucket_of, self.count)
+            chosen
+            | "ToBucket" >> beam.Map(bucket_of, total)
             | "GroupBuckets" >> beam.GroupByKey()
             | "PermuteShards" >> beam.ParDo(ShardImportance(cfg))
         )
@@ -546,6 +555,46 @@ class PermutationImportance(beam.PTransform):
                 output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
+
+
+    def _sample(self, labeled):
+        """The ``importance_sample`` labeled refs with the smallest seeded id keys (the same on
+        every run and runner), and their number (for the bucket count) as a side input."""
+        cfg = self.config
+        smallest = beam.pvalue.AsSingleton(
+            labeled
+            | "SampleKeys" >> beam.Map(lambda ref: quality.sample_key(ref.example_id, cfg.seed))
+            | "SmallestKeys" >> beam.combiners.Top.Smallest(cfg.importance_sample))
+        chosen = labeled | "ImportanceSample" >> beam.ParDo(
+            KeepSampled(cfg.seed, cfg.importance_sample), smallest)
+        return chosen, beam.pvalue.AsSingleton(
+            smallest.pvalue | "SampleSize" >> beam.Map(len))
+
+
+class CountLabeledRefs(beam.DoFn):
+    """The refs that carry a label (the population importance is estimated on), counted."""
+
+    def __init__(self):
+        self.labeled = Metrics.counter(NAMESPACE, IMPORTANCE_LABELED)
+
+    def process(self, ref):
+        if not decode._is_missing(ref.raw_label):
+            self.labeled.inc()
+            yield ref
+
+
+class KeepSampled(beam.DoFn):
+    """The refs whose seeded key is among the ``size`` smallest, counted."""
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+        self.sampled = Metrics.counter(NAMESPACE, IMPORTANCE_SAMPLED)
+
+    def process(self, ref, smallest):
+        # Fewer keys than asked for: every labeled ref is in the sample.
+        if len(smallest) < self.size or quality.sample_key(ref.example_id, self.seed) <= smallest[-1]:
+            self.sampled.inc()
+            yield ref
 
 
 class SumImportancePartials(beam.CombineFn):
