@@ -108,7 +108,9 @@ def write_output(root, n, sites=("a", "b"), class_names=("neg", "pos"), images=T
                    "error_rate": errors / (n + errors), "errors_by_type": {"corrupt_image": errors},
                    "accounting_ok": True},
         "tfma": {"metrics": metrics} if tfma else {"skipped_because": "--tfma-config none"},
-        "importance": {} if importance else {"skipped_because": "--permutation-features none"},
+        "importance": ({"sample": {"requested": 2000, "examples": 2000, "labeled_examples": 50000,
+                                   "seed": 0}} if importance
+                       else {"skipped_because": "--permutation-features none"}),
         "gates": _gates(),
     }
     (root / "run.json").write_text(json.dumps(run))
@@ -150,6 +152,7 @@ def test_summary_figures_verdict_and_one_class_auc(small_output):
     assert all(len(g["items"]) <= report_gallery.PER_GALLERY for g in summary["galleries"])
     html = open(path).read()
     assert "Verdict: FAILED" in html and "map only" not in html
+    assert "Estimated on 2,000 of 50,000 labeled examples, seeded (--seed 0" in html
     assert re.search(r"<td class=\"text\">site=c</td><td>20</td><td><span class=\"na\">n/a</span>",
                      html)
     assert "No layer sweep" in html  # omitted with a one-line note
