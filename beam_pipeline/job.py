@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, baseline, decode, evaluation, importance, layer_sweep,
+from . import (attribution_methods, baseline, cost, decode, evaluation, importance, layer_sweep,
                metric_rules, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
@@ -88,6 +88,7 @@ class Plan:
     tfma_skipped_because: Optional[str] = None
     importance_skipped_because: Optional[str] = None
     performance_thresholds: bool = False  # the TFMA config has thresholds, or --max-slice-gap
+    cost_estimate: Optional[dict] = None  # cost.estimate: image passes per stage
 
 
 def _check_options(req: AuditRequest) -> None:
@@ -235,6 +236,7 @@ def plan_audit(req: AuditRequest) -> Plan:
     attribution_schema(spec.column_types, spec.has_masks, req.methods, bool(req.faithfulness_sample))
     plan = Plan(config=config, model_info=info, model_sha256=sha, timings=timings)
     _plan_importance(req, plan)
+    plan.cost_estimate = _cost_estimate(plan, model)
     start = time.perf_counter()
     _plan_evaluation(req, plan)
     timings["plan_tfma_s"] = time.perf_counter() - start
@@ -259,6 +261,36 @@ def _plan_importance(req: AuditRequest, plan: Plan) -> None:
         plan.importance_skipped_because = "the data has no labels"
     else:
         cfg.permutation_features = features
+
+
+def _cost_estimate(plan: Plan, model) -> dict:
+    """Image passes per stage (cost.estimate) from the plan and the model's layers."""
+    cfg = plan.config
+    # The layers the sanity check randomizes (quality.parameterized_layers, without making
+    # frozen layers trainable on the launcher's model).
+    parameterized = sum(1 for _, layer in model_io.iter_layers(model)
+                        if layer.trainable_weights or (not layer.trainable and layer.weights))
+    methods = ["gradcam" if cfg.sweep and m == "gradcam" else m for m in cfg.methods]
+    return cost.estimate(
+        cfg.source.examples_expected, None, methods, cfg.method_options,
+        cfg.faithfulness_sample, cfg.sanity_sample, cfg.importance_sample,
+        len(cfg.permutation_features), cfg.permutation_repeats, parameterized)
+
+
+def _stage_seconds(counters: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """Busy seconds per stage, summed over workers, from the Beam distributions (None where the
+    runner has no metrics). The explain batches include their faithfulness curves: subtracted."""
+    def seconds(name):
+        value = counters.get(f"{name}_sum")
+        return None if value is None else value / 1000.0
+
+    explain, faithfulness = seconds("explain_batch_msecs"), seconds("faithfulness_msecs")
+    return {
+        "explain": None if explain is None else explain - (faithfulness or 0.0),
+        "importance": seconds("importance_shard_msecs"),
+        "faithfulness": faithfulness,
+        "sanity": seconds("sanity_msecs"),
+    }
 
 
 def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
@@ -543,6 +575,8 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         p = make_pipeline(beam_args)
         pipeline.build_pipeline(p, config)
         plan.timings["build_pipeline_s"] = time.perf_counter() - start
+        for line in cost.estimate_lines(plan.cost_estimate):
+            LOG.info("%s", line)
         LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
                  final)
         start = time.perf_counter()
@@ -658,6 +692,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "libraries": runinfo.library_versions(),
         "counts": counts,
         "timings_s": plan.timings,
+        "cost": {"estimate": plan.cost_estimate, "stage_busy_s": _stage_seconds(counters)},
         "beam_counters": counters,
         "tfma": tfma_summary,
         "importance": _importance_summary(plan, counters),

@@ -18,7 +18,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
+from . import (attribution_methods, cost, decode, evaluation, explainers, importance, layer_sweep,
                model_io, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
@@ -249,6 +249,7 @@ class ExplainBatches(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "explain_failed")
         self.batches = Metrics.counter(NAMESPACE, "batches")
         self.msecs = Metrics.distribution(NAMESPACE, "explain_batch_msecs")
+        self.faithfulness_msecs = Metrics.distribution(NAMESPACE, "faithfulness_msecs")
 
     def setup(self):
         self.explainers = shared_explainers(self.config)
@@ -318,6 +319,7 @@ class ExplainBatches(beam.DoFn):
         sampled = [i for i, ex in enumerate(examples) if self._in_sample(ex)]
         if not sampled:
             return {}
+        start = time.perf_counter()
         for out in outs.values():
             deletion, insertion = quality.deletion_insertion(
                 self.predictor, images[sampled], out["maps"][sampled],
@@ -331,6 +333,7 @@ class ExplainBatches(beam.DoFn):
         deletion, insertion = quality.deletion_insertion(
             self.predictor, images[sampled], random_maps, first["target_class"][sampled],
             batch_size=self.config.batch_size)
+        self.faithfulness_msecs.update(int((time.perf_counter() - start) * 1000))
         return {i: (float(d), float(v)) for i, d, v in zip(sampled, deletion, insertion)}
 
     def _sweep_outputs(self, examples: List[DecodedExample], sweep_maps: Dict[str, np.ndarray]):
@@ -423,12 +426,16 @@ def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifi
 class SanityCheck(beam.DoFn):
     """The sampled examples → model-parameter randomization rows per method (Adebayo et al.)."""
 
-    CHECKPOINTS = 6  # maps are recomputed at this many depths (plus the fully random model)
-
     def __init__(self, config: AuditConfig):
         self.config = config
+        self.msecs = Metrics.distribution(NAMESPACE, "sanity_msecs")
 
     def process(self, examples: List[DecodedExample]):
+        start = time.perf_counter()
+        yield from self._rows(examples)
+        self.msecs.update(int((time.perf_counter() - start) * 1000))
+
+    def _rows(self, examples: List[DecodedExample]):
         cfg = self.config
         model, _ = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
         if cfg.unsafe_deserialization:
@@ -441,8 +448,7 @@ class SanityCheck(beam.DoFn):
         images = np.stack([ex.image for ex in examples]) if examples else None
         targets = np.full(len(examples), explainers.PREDICTED, np.int32)
         layers = [name for name, _ in quality.parameterized_layers(model)]
-        step = max(1, len(layers) // self.CHECKPOINTS)
-        checkpoints = layers[step - 1::step]
+        checkpoints = cost.sanity_checkpoints(layers)
         for name in cfg.methods if examples else []:
             rows = quality.cascading_randomization(
                 model, functools.partial(_method_on_copy, cfg, name), images, targets, cfg.seed,

@@ -53,7 +53,7 @@ def audit(tmp_path, model, data, name, *extra):
     return out
 
 
-def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data):
+def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data, capfd):
     model = one_patch_model(tmp_path / "m.keras")
     out = audit(tmp_path, model, patch_data, "out", "--shard-size", "16")
     summary = pd.read_parquet(out / "importance_summary.parquet")
@@ -69,6 +69,14 @@ def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data):
     assert top.ci_low <= top.importance <= top.ci_high and top.n == 40
     run = json.loads((out / "run.json").read_text())
     assert run["importance"]["repeats"] == 3 and len(run["importance"]["features"]) == 16
+    # The up-front estimate: 40 examples (fewer than the default sample), 1 + 16 × 3 passes each.
+    estimate = run["cost"]["estimate"]
+    assert estimate["importance"] == {"examples": 40, "forward": 40 * 49, "backward": 0}
+    assert estimate["explain"]["forward"] == 40 and estimate["faithfulness"]["examples"] == 40
+    assert ("Cost estimate, importance: 1,960 forward and 0 backward image passes on 40 "
+            "examples.") in capfd.readouterr().err
+    busy = run["cost"]["stage_busy_s"]
+    assert all(busy[stage] > 0 for stage in ("explain", "importance", "faithfulness", "sanity"))
 
 
 def _direct_figures(model_path, manifest, features, repeats, seed, shard_size):
