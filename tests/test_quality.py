@@ -70,6 +70,23 @@ def region_predictor():
     return predictor(region_model())
 
 
+def test_several_map_sets_share_full_batches_and_equal_separate_passes(region_predictor):
+    """One sampled example, two map sets, 4 steps: 2 × 8 perturbed images, one full batch of 16
+    (separately: two half batches); the AUCs are those of separate passes."""
+    images, targets = checker_images(n=1), np.ones(1, np.int32)
+    sets = [quadrant_map(1, 0, 0), quadrant_map(1, 1, 1)]
+    counting = CountingPredictor(region_predictor)
+    together = quality.deletion_insertion_of_maps(counting, images, sets, targets, steps=4,
+                                                  batch_size=16)
+    assert counting.sizes == [16]
+    for maps, (deletion, insertion) in zip(sets, together):
+        alone = quality.deletion_insertion(region_predictor, images, maps, targets, steps=4,
+                                           batch_size=16)
+        np.testing.assert_allclose(deletion, alone[0], atol=1e-6)
+        np.testing.assert_allclose(insertion, alone[1], atol=1e-6)
+    assert together[0][0][0] < together[1][0][0]  # the used region is deleted faster
+
+
 @pytest.mark.parametrize("baseline", ["black", "blur"])
 def test_map_on_the_region_the_model_uses_is_more_faithful(region_predictor, baseline):
     images, targets = checker_images(), np.ones(3, np.int32)
