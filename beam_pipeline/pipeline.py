@@ -459,10 +459,13 @@ class SanityCheck(beam.DoFn):
         targets = np.full(len(examples), explainers.PREDICTED, np.int32)
         layers = [name for name, _ in quality.parameterized_layers(model)]
         checkpoints = cost.sanity_checkpoints(layers)
-        for name in cfg.methods if examples else []:
-            rows = quality.cascading_randomization(
-                model, functools.partial(_method_on_copy, cfg, name), images, targets, cfg.seed,
-                layers=checkpoints, batch_size=cfg.batch_size)
+        if not examples:
+            return
+        # One randomized copy of the model for every method: cloned and randomized once.
+        by_method = quality.cascading_randomization_of_methods(
+            model, {name: functools.partial(_method_on_copy, cfg, name) for name in cfg.methods},
+            images, targets, cfg.seed, layers=checkpoints, batch_size=cfg.batch_size)
+        for name, rows in by_method.items():
             flagged = quality.flag_insensitive(rows)
             for row in rows:
                 yield {"method": name, **row, "flagged": flagged}

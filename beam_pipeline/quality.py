@@ -233,20 +233,34 @@ def cascading_randomization(model, make_method: Callable[[Classifier], Callable]
     original tensor, seeded by ``seed`` and the layer's name: activations keep their scale, and
     a layer's draw does not depend on the checkpoints chosen.
     """
+    return cascading_randomization_of_methods(model, {"method": make_method}, images, targets,
+                                              seed, layers, batch_size)["method"]
+
+
+def cascading_randomization_of_methods(model, make_methods: Dict[str, Callable], images,
+                                       targets, seed: int,
+                                       layers: Optional[Sequence[str]] = None,
+                                       batch_size: int = 32) -> Dict[str, List[Dict]]:
+    """``cascading_randomization`` of several methods ({name: make_method}) on one copy of the
+    model: it is cloned and randomized once, each method is traced once on it, and at every
+    checkpoint every method's maps are recomputed. The rows per method are those of separate
+    runs (the draws depend on the seed and the layer name only)."""
     copy, classifier = classifier_copy(model)
-    method = make_method(classifier)
-    original = _explain(method, images, targets, batch_size)
-    targets = original["target_class"]  # fixed from here on
+    methods = {name: make(classifier) for name, make in make_methods.items()}
+    originals = {name: _explain(method, images, targets, batch_size)
+                 for name, method in methods.items()}
     top_down = parameterized_layers(copy)[::-1]
-    rows = []
+    rows: Dict[str, List[Dict]] = {name: [] for name in methods}
     randomized = 0
     for step, stop in enumerate(_checkpoints(top_down, layers), start=1):
         for name, layer in top_down[randomized: stop + 1]:
             randomize_layer(layer, name, seed)
         randomized = stop + 1
-        correlations = rank_correlations(original["maps"],
-                                         _explain(method, images, targets, batch_size)["maps"])
-        rows.append(_summary_row(step, top_down[stop][0], correlations))
+        for name, method in methods.items():
+            original = originals[name]  # its target classes are fixed from the original model
+            maps = _explain(method, images, original["target_class"], batch_size)["maps"]
+            rows[name].append(_summary_row(step, top_down[stop][0],
+                                           rank_correlations(original["maps"], maps)))
     return rows
 
 

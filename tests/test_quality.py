@@ -266,6 +266,25 @@ def test_checkpoints_and_seeded_draws():
                                         layers=["gap"])
 
 
+def test_several_methods_share_one_randomized_copy(monkeypatch):
+    """Two methods: the model is cloned once, and each method's rows equal a separate run."""
+    model, images, targets = conv_model(), _images(4), np.zeros(4, np.int32)
+    alone = {"gradcam": quality.cascading_randomization(model, gradcam_factory("conv2"), images,
+                                                        targets, seed=3),
+             "edges": quality.cascading_randomization(model, EdgeMap, images, targets, seed=3)}
+    clones = []
+    original_copy = quality.classifier_copy
+    monkeypatch.setattr(quality, "classifier_copy",
+                        lambda m: clones.append(m) or original_copy(m))
+    together = quality.cascading_randomization_of_methods(
+        model, {"gradcam": gradcam_factory("conv2"), "edges": EdgeMap}, images, targets, seed=3)
+    assert len(clones) == 1 and set(together) == {"gradcam", "edges"}
+    for name, rows in together.items():
+        assert [r["randomized_up_to"] for r in rows] == [r["randomized_up_to"] for r in alone[name]]
+        np.testing.assert_allclose([r["spearman_mean"] for r in rows],
+                                   [r["spearman_mean"] for r in alone[name]], atol=1e-6)
+
+
 def test_copy_of_prepared_nested_frozen_models():
     """A model whose head prepare_classifier already switched (its ``_linear`` does not
     serialize), a frozen backbone nested in a Sequential, and tf_keras."""
