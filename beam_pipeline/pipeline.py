@@ -611,7 +611,8 @@ class KeepSampled(beam.DoFn):
 
     def process(self, ref, smallest):
         # Fewer keys than asked for: every labeled ref is in the sample.
-        if len(smallest) < self.size or quality.sample_key(ref.example_id, self.seed) <= smallest[-1]:
+        key = quality.sample_key(ref.example_id, self.seed)
+        if len(smallest) < self.size or key <= smallest[-1]:
             self.sampled.inc()
             yield ref
 

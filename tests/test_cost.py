@@ -44,5 +44,5 @@ def test_small_data_all_samples_and_unknown_size():
 def test_sanity_steps_match_the_randomization_checkpoints(layers):
     top_down = [(f"l{i}", SimpleNamespace(name=f"l{i}")) for i in range(layers)][::-1]
     checkpoints = cost.sanity_checkpoints([f"l{i}" for i in range(layers)])
-    measured = quality._checkpoints(top_down, checkpoints)  # the rows it computes after the original
+    measured = quality._checkpoints(top_down, checkpoints)  # rows after the original maps
     assert cost.sanity_steps(layers) == 1 + len(measured)
