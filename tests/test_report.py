@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_pipeline import cli, report, report_gallery, report_summary, runinfo
+from beam_pipeline import cli, report, report_gallery, report_summary, report_text, runinfo
 from beam_pipeline.schemas import (ERROR_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
                                    attribution_schema)
 
@@ -157,6 +157,19 @@ def test_summary_figures_verdict_and_one_class_auc(small_output):
                      html)
     assert "No layer sweep" in html  # omitted with a one-line note
     assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def test_importance_sample_sentence():
+    sentence = report_text.importance_sample_sentence(
+        {"requested": 2000, "examples": 1990, "labeled_examples": 100_000, "seed": 7})
+    assert sentence.startswith("Estimated on 1,990 of 100,000 labeled examples, seeded (--seed 7")
+    assert report_text.importance_sample_sentence(
+        {"requested": "all", "examples": 40, "labeled_examples": 40, "seed": 0}
+    ) == "Estimated on every labeled example (40 of 40)."
+    # A runner without metrics: the population is unknown.
+    assert "on 2,000 labeled" in report_text.importance_sample_sentence(
+        {"requested": 2000, "examples": 2000, "labeled_examples": None, "seed": 0})
+    assert report_text.importance_sample_sentence(None) is None
 
 
 def test_sections_without_input_are_omitted_with_a_note(tmp_path):
