@@ -155,10 +155,12 @@ class DecodeExamples(beam.DoFn):
 
 
 class ProgressLog:
-    """Logs examples done and images/s at most every ``every_s`` seconds (per worker)."""
+    """Logs examples done and images/s at most every ``every_s`` seconds (per worker), and, when
+    the number of examples is known up front, the time left at that rate."""
 
-    def __init__(self, every_s: float):
+    def __init__(self, every_s: float, expected: Optional[int] = None):
         self.every_s = every_s
+        self.expected = expected
         self.start = time.perf_counter()
         self.last = self.start
         self.done = 0
@@ -168,8 +170,17 @@ class ProgressLog:
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            LOG.info("xai-audit: %d examples explained on this worker, %.1f images/s",
-                     self.done, self.done / (now - self.start))
+            rate = self.done / max(now - self.start, 1e-9)
+            LOG.info("xai-audit: %d examples explained on this worker, %.1f images/s%s",
+                     self.done, rate, self._eta(rate))
+
+    def _eta(self, rate: float) -> str:
+        if not self.expected or self.done >= self.expected:
+            return ""
+        # A worker sees only its share: the figure is for one worker doing all that is left.
+        return (f"; about {(self.expected - self.done) / rate:.0f} s left for the explain stage "
+                f"({self.expected:,} examples) at this rate (less when several workers share "
+                "them)")
 
 
 _SHARED: Dict[tuple, Any] = {}
@@ -254,7 +265,8 @@ class ExplainBatches(beam.DoFn):
     def setup(self):
         self.explainers = shared_explainers(self.config)
         self.predictor = shared_predictor(self.config) if self.config.faithfulness_sample else None
-        self.progress = ProgressLog(self.config.progress_every_s)
+        self.progress = ProgressLog(self.config.progress_every_s,
+                                    self.config.source.examples_expected)
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
         target = self.config.target

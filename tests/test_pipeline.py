@@ -1,6 +1,7 @@
 """The Beam layer's own promises: the model never travels in the pipeline graph, and long runs
 log their progress."""
 import logging
+import re
 
 import apache_beam as beam
 import keras
@@ -46,3 +47,20 @@ def test_progress_log_reports_examples_and_rate():
     finally:
         logger.removeHandler(collect)
     assert any("64 examples explained" in line and "images/s" in line for line in collect.lines)
+    assert not any("left" in line for line in collect.lines)  # the number of examples is unknown
+
+
+def test_progress_log_states_the_time_left_when_the_size_is_known():
+    logger = logging.getLogger("xai_audit")
+    collect = LogLines()
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    try:
+        progress = pipeline.ProgressLog(every_s=0.0, expected=100)
+        progress.add(32)
+        progress.add(68)
+    finally:
+        logger.removeHandler(collect)
+    assert re.search(r"32 examples explained .* about \d+ s left for the explain stage "
+                     r"\(100 examples\)", collect.lines[0]), collect.lines
+    assert "left" not in collect.lines[1]  # done
