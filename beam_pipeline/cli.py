@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the 
 
 from . import __version__  # noqa: E402
 from .errors import AuditError  # noqa: E402
+from .importance import DEFAULT_SAMPLE as DEFAULT_IMPORTANCE_SAMPLE  # noqa: E402
 
 EPILOG = (
     "Beam pipeline options pass through, e.g. --runner DataflowRunner --project P --region R "
@@ -180,6 +181,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                           "[patches:4x4]")
     run.add_argument("--permutation-repeats", type=_int_at_least(1), default=3,
                      help="permutations per feature per shard [3]")
+    run.add_argument("--importance-sample", default=str(DEFAULT_IMPORTANCE_SAMPLE),
+                     help="labeled examples permutation importance runs on, a seeded sample by "
+                          f"id hash, or all [{DEFAULT_IMPORTANCE_SAMPLE}]")
     run.add_argument("--shard-size", type=_int_at_least(1), default=256,
                      help="examples per permutation shard [256]")
     run.add_argument("--allow-paths-outside-data", action="store_true",
@@ -318,6 +322,7 @@ def _request_from_args(args) -> "AuditRequest":
         ig_baseline=args.ig_baseline, faithfulness_sample=args.faithfulness_sample,
         sanity_sample=args.sanity_sample,
         permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
+        importance_sample=args.importance_sample,
         overwrite=args.overwrite,
         allow_paths_outside_data=args.allow_paths_outside_data,
     )

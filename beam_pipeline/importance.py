@@ -22,6 +22,9 @@ from .errors import OptionError
 from .limits import MAX_PER_CLASS_METRICS
 
 METRICS = ("accuracy", "log_loss", "auc")
+# Labeled examples importance runs on by default: a dataset-level estimate whose interval narrows
+# as 1/sqrt(n), so past a few thousand examples more forward passes buy little.
+DEFAULT_SAMPLE = 2000
 AUC_BUCKETS = 1000  # score histogram resolution; AUC ties within a bucket count half
 LOG_LOSS_EPS = 1e-7
 
@@ -110,6 +113,22 @@ def parse_features(text: str, height: int, width: int, channels: int) -> List[Fe
     if len(set(names)) != len(names):
         raise OptionError("--permutation-features names the same feature twice.")
     return features
+
+
+def parse_sample(value) -> Optional[int]:
+    """``--importance-sample``: a positive number of labeled examples, or ``all`` (None)."""
+    if str(value).strip().lower() == "all":
+        return None
+    try:
+        size = int(str(value).strip())
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise OptionError(
+            f"--importance-sample {value}: give a number of labeled examples (1 or more, "
+            f"{DEFAULT_SAMPLE} by default) or all. To skip permutation importance, use "
+            "--permutation-features none.")
+    return size
 
 
 def permutation_seed(seed: int, shard: str, feature: str, repeat: int) -> int:

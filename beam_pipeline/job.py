@@ -14,14 +14,15 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, baseline, decode, evaluation, importance, layer_sweep, limits,
+from . import (attribution_methods, baseline, cost, decode, evaluation, importance, layer_sweep,
+               limits,
                metric_rules, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
@@ -75,6 +76,7 @@ class AuditRequest:
     baseline_gates: bool = True  # better than chance, not degenerate (labeled data)
     permutation_features: str = "patches:4x4"
     permutation_repeats: int = 3
+    importance_sample: Any = importance.DEFAULT_SAMPLE  # N, or "all"
     shard_size: int = 256
     overwrite: bool = False  # replace an earlier run in --output (else it is refused)
     allow_paths_outside_data: bool = False
@@ -90,6 +92,7 @@ class Plan:
     tfma_skipped_because: Optional[str] = None
     importance_skipped_because: Optional[str] = None
     performance_thresholds: bool = False  # the TFMA config has thresholds, or --max-slice-gap
+    cost_estimate: Optional[dict] = None  # cost.estimate: image passes per stage
 
 
 def _check_options(req: AuditRequest) -> None:
@@ -252,6 +255,7 @@ def plan_audit(req: AuditRequest) -> Plan:
     if info.num_classes > limits.MAX_PER_CLASS_METRICS:
         LOG.info("Per-class figures: %s.", limits.per_class_note(info.num_classes))
     _plan_importance(req, plan)
+    plan.cost_estimate = _cost_estimate(plan, model)
     start = time.perf_counter()
     _plan_evaluation(req, plan)
     timings["plan_tfma_s"] = time.perf_counter() - start
@@ -269,12 +273,43 @@ def _plan_importance(req: AuditRequest, plan: Plan) -> None:
     cfg = plan.config
     cfg.permutation_repeats, cfg.shard_size, cfg.seed = (
         req.permutation_repeats, req.shard_size, req.seed)
+    cfg.importance_sample = importance.parse_sample(req.importance_sample)
     if not features:
         plan.importance_skipped_because = "--permutation-features none"
     elif not cfg.source.labeled:
         plan.importance_skipped_because = "the data has no labels"
     else:
         cfg.permutation_features = features
+
+
+def _cost_estimate(plan: Plan, model) -> dict:
+    """Image passes per stage (cost.estimate) from the plan and the model's layers."""
+    cfg = plan.config
+    # The layers the sanity check randomizes (quality.parameterized_layers, without making
+    # frozen layers trainable on the launcher's model).
+    parameterized = sum(1 for _, layer in model_io.iter_layers(model)
+                        if layer.trainable_weights or (not layer.trainable and layer.weights))
+    methods = ["gradcam" if cfg.sweep and m == "gradcam" else m for m in cfg.methods]
+    return cost.estimate(
+        cfg.source.examples_expected, None, methods, cfg.method_options,
+        cfg.faithfulness_sample, cfg.sanity_sample, cfg.importance_sample,
+        len(cfg.permutation_features), cfg.permutation_repeats, parameterized)
+
+
+def _stage_seconds(counters: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """Busy seconds per stage, summed over workers, from the Beam distributions (None where the
+    runner has no metrics). The explain batches include their faithfulness curves: subtracted."""
+    def seconds(name):
+        value = counters.get(f"{name}_sum")
+        return None if value is None else value / 1000.0
+
+    explain, faithfulness = seconds("explain_batch_msecs"), seconds("faithfulness_msecs")
+    return {
+        "explain": None if explain is None else explain - (faithfulness or 0.0),
+        "importance": seconds("importance_shard_msecs"),
+        "faithfulness": faithfulness,
+        "sanity": seconds("sanity_msecs"),
+    }
 
 
 def _plan_evaluation(req: AuditRequest, plan: Plan) -> None:
@@ -499,7 +534,24 @@ def _quality_summary(plan: Plan) -> dict:
     return summary
 
 
-def _importance_summary(plan: Plan) -> dict:
+def _importance_sample(plan: Plan, rows: List[dict], counters: Dict[str, float]) -> dict:
+    """The sample importance ran on: asked for, used (examples in the figures), and the labeled
+    population it was drawn from (a Beam counter: None where the runner has no metrics)."""
+    cfg = plan.config
+    labeled = counters.get(pipeline.IMPORTANCE_LABELED)
+    return {
+        "requested": "all" if cfg.importance_sample is None else cfg.importance_sample,
+        "examples": max((r["n"] or 0 for r in rows), default=0),
+        "labeled_examples": None if labeled is None else int(labeled),
+        "selected": (None if counters.get(pipeline.IMPORTANCE_SAMPLED) is None
+                     else int(counters[pipeline.IMPORTANCE_SAMPLED])),
+        "seed": cfg.seed,
+        "selection": "every labeled example" if cfg.importance_sample is None else
+                     "the labeled examples with the smallest sha256(seed, id) keys",
+    }
+
+
+def _importance_summary(plan: Plan, counters: Optional[Dict[str, float]] = None) -> dict:
     cfg = plan.config
     if not cfg.permutation_features:
         return {"skipped_because": plan.importance_skipped_because}
@@ -513,6 +565,7 @@ def _importance_summary(plan: Plan) -> dict:
         "repeats": cfg.permutation_repeats,
         "shard_size": cfg.shard_size,
         "per_class": limits.per_class_note(plan.model_info.num_classes),
+        "sample": _importance_sample(plan, rows, counters or {}),
         "figures": rows,
     }
 
@@ -609,6 +662,8 @@ def _run_locked(req: AuditRequest, beam_args: Sequence[str], started: str, run_i
         p = make_pipeline(beam_args)
         pipeline.build_pipeline(p, config)
         plan.timings["build_pipeline_s"] = time.perf_counter() - start
+        for line in cost.estimate_lines(plan.cost_estimate):
+            LOG.info("%s", line)
         LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
                  final)
         start = time.perf_counter()
@@ -740,9 +795,10 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "libraries": runinfo.library_versions(),
         "counts": counts,
         "timings_s": plan.timings,
+        "cost": {"estimate": plan.cost_estimate, "stage_busy_s": _stage_seconds(counters)},
         "beam_counters": counters,
         "tfma": tfma_summary,
-        "importance": _importance_summary(plan),
+        "importance": _importance_summary(plan, counters),
         "quality": _quality_summary(plan),
         "gates": gates,
         "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,

@@ -18,7 +18,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
+from . import (attribution_methods, cost, decode, evaluation, explainers, importance, layer_sweep,
                model_io, progress, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
@@ -31,6 +31,8 @@ SWEEP, SWEEP_MAPS = "sweep", "sweep_maps"
 NAMESPACE = "xai_audit"
 EXPLAIN_STAGE, FAITHFULNESS_STAGE, IMPORTANCE_STAGE, SANITY_STAGE = (
     "Explain", "Faithfulness", "Permutation importance", "Sanity check")
+# Beam counters run.json reads back: labeled refs, and those in the importance sample.
+IMPORTANCE_LABELED, IMPORTANCE_SAMPLED = "importance_labeled_refs", "importance_sampled_refs"
 
 
 @dataclass
@@ -61,6 +63,8 @@ class AuditConfig:
     sanity_sample: int = 0  # examples for the model-parameter randomization test
     permutation_features: List[Any] = field(default_factory=list)  # importance.Feature
     permutation_repeats: int = 3
+    # Labeled examples permutation importance runs on (a seeded sample); None: every one.
+    importance_sample: Optional[int] = importance.DEFAULT_SAMPLE
     shard_size: int = 256
     seed: int = 0
 
@@ -254,6 +258,7 @@ class ExplainBatches(beam.DoFn):
         self.failed = Metrics.counter(NAMESPACE, "explain_failed")
         self.batches = Metrics.counter(NAMESPACE, "batches")
         self.msecs = Metrics.distribution(NAMESPACE, "explain_batch_msecs")
+        self.faithfulness_msecs = Metrics.distribution(NAMESPACE, "faithfulness_msecs")
 
     def setup(self):
         self.explainers = shared_explainers(self.config)
@@ -339,21 +344,33 @@ class ExplainBatches(beam.DoFn):
         if not sampled:
             return {}
         self.faithfulness_progress.begin()
-        for out in outs.values():
-            deletion, insertion = quality.deletion_insertion(
-                self.predictor, images[sampled], out["maps"][sampled],
-                out["target_class"][sampled], batch_size=self.config.batch_size)
-            out["deletion_auc"] = {i: float(d) for i, d in zip(sampled, deletion)}
-            out["insertion_auc"] = {i: float(v) for i, v in zip(sampled, insertion)}
+        start = time.perf_counter()
         first = next(iter(outs.values()))
         height, width = images.shape[1:3]
         random_maps = np.stack([quality.random_map(examples[i].example_id, self.config.seed,
                                                    height, width) for i in sampled])
-        deletion, insertion = quality.deletion_insertion(
-            self.predictor, images[sampled], random_maps, first["target_class"][sampled],
-            batch_size=self.config.batch_size)
+        # Every map set explaining the same classes goes through the model in one batched pass
+        # (methods' targets agree unless a near-tie resolves differently: then a pass of its own).
+        groups: Dict[bytes, list] = {}
+        for name, out in [*outs.items(), (None, {"maps": random_maps, "target_class": None})]:
+            targets = (first if name is None else out)["target_class"][sampled]
+            groups.setdefault(targets.tobytes(), [targets, []])[1].append((name, out))
+        reference = None
+        for targets, members in groups.values():
+            aucs = quality.deletion_insertion_of_maps(
+                self.predictor, images[sampled],
+                [out["maps"] if name is None else out["maps"][sampled] for name, out in members],
+                targets, batch_size=self.config.batch_size)
+            for (name, out), (deletion, insertion) in zip(members, aucs):
+                if name is None:
+                    reference = {i: (float(d), float(v))
+                                 for i, d, v in zip(sampled, deletion, insertion)}
+                else:
+                    out["deletion_auc"] = {i: float(d) for i, d in zip(sampled, deletion)}
+                    out["insertion_auc"] = {i: float(v) for i, v in zip(sampled, insertion)}
+        self.faithfulness_msecs.update(int((time.perf_counter() - start) * 1000))
         self.faithfulness_progress.add(len(sampled))
-        return {i: (float(d), float(v)) for i, d, v in zip(sampled, deletion, insertion)}
+        return reference
 
     def _sweep_outputs(self, examples: List[DecodedExample], sweep_maps: Dict[str, np.ndarray]):
         """Per-layer localization counters (overall and per slice value), and every layer's
@@ -445,12 +462,16 @@ def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifi
 class SanityCheck(beam.DoFn):
     """The sampled examples → model-parameter randomization rows per method (Adebayo et al.)."""
 
-    CHECKPOINTS = 6  # maps are recomputed at this many depths (plus the fully random model)
-
     def __init__(self, config: AuditConfig):
         self.config = config
+        self.msecs = Metrics.distribution(NAMESPACE, "sanity_msecs")
 
     def process(self, examples: List[DecodedExample]):
+        start = time.perf_counter()
+        yield from self._rows(examples)
+        self.msecs.update(int((time.perf_counter() - start) * 1000))
+
+    def _rows(self, examples: List[DecodedExample]):
         cfg = self.config
         model, _ = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
         if cfg.unsafe_deserialization:
@@ -463,18 +484,20 @@ class SanityCheck(beam.DoFn):
         images = np.stack([ex.image for ex in examples]) if examples else None
         targets = np.full(len(examples), explainers.PREDICTED, np.int32)
         layers = [name for name, _ in quality.parameterized_layers(model)]
-        step = max(1, len(layers) // self.CHECKPOINTS)
-        checkpoints = layers[step - 1::step]
+        checkpoints = cost.sanity_checkpoints(layers)
+        if not examples:
+            return
         # Maps recomputed per method: every example at every checkpoint and on the original.
         per_method = len(examples) * (len(checkpoints) + 1)
         counter = stage_progress(cfg, SANITY_STAGE, per_method * len(cfg.methods), unit="maps",
                                  rate_unit="maps/s", every_s=0.0, one_worker=True)
-        for name in cfg.methods if examples else []:
-            counter.begin()
-            rows = quality.cascading_randomization(
-                model, functools.partial(_method_on_copy, cfg, name), images, targets, cfg.seed,
-                layers=checkpoints, batch_size=cfg.batch_size)
-            counter.add(per_method)
+        counter.begin()
+        # One randomized copy of the model for every method: cloned and randomized once.
+        by_method = quality.cascading_randomization_of_methods(
+            model, {name: functools.partial(_method_on_copy, cfg, name) for name in cfg.methods},
+            images, targets, cfg.seed, layers=checkpoints, batch_size=cfg.batch_size)
+        counter.add(per_method * len(cfg.methods))
+        for name, rows in by_method.items():
             flagged = quality.flag_insensitive(rows)
             for row in rows:
                 yield {"method": name, **row, "flagged": flagged}
@@ -554,9 +577,14 @@ class PermutationImportance(beam.PTransform):
             buckets = max(1, math.ceil(total / cfg.shard_size))
             return importance.shard_bucket(ref.example_id, buckets), ref
 
+        labeled = refs | "LabeledRefs" >> beam.ParDo(CountLabeledRefs())
+        if cfg.importance_sample is None:
+            chosen, total = labeled, self.count
+        else:
+            chosen, total = self._sample(labeled)
         raw = (
-            refs
-            | "ToBucket" >> beam.Map(bucket_of, self.count)
+            chosen
+            | "ToBucket" >> beam.Map(bucket_of, total)
             | "GroupBuckets" >> beam.GroupByKey()
             | "PermuteShards" >> beam.ParDo(ShardImportance(cfg), self.count)
         )
@@ -583,6 +611,47 @@ class PermutationImportance(beam.PTransform):
                 output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
+
+
+    def _sample(self, labeled):
+        """The ``importance_sample`` labeled refs with the smallest seeded id keys (the same on
+        every run and runner), and their number (for the bucket count) as a side input."""
+        cfg = self.config
+        smallest = beam.pvalue.AsSingleton(
+            labeled
+            | "SampleKeys" >> beam.Map(lambda ref: quality.sample_key(ref.example_id, cfg.seed))
+            | "SmallestKeys" >> beam.combiners.Top.Smallest(cfg.importance_sample))
+        chosen = labeled | "ImportanceSample" >> beam.ParDo(
+            KeepSampled(cfg.seed, cfg.importance_sample), smallest)
+        return chosen, beam.pvalue.AsSingleton(
+            smallest.pvalue | "SampleSize" >> beam.Map(len))
+
+
+class CountLabeledRefs(beam.DoFn):
+    """The refs that carry a label (the population importance is estimated on), counted."""
+
+    def __init__(self):
+        self.labeled = Metrics.counter(NAMESPACE, IMPORTANCE_LABELED)
+
+    def process(self, ref):
+        if not decode._is_missing(ref.raw_label):
+            self.labeled.inc()
+            yield ref
+
+
+class KeepSampled(beam.DoFn):
+    """The refs whose seeded key is among the ``size`` smallest, counted."""
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+        self.sampled = Metrics.counter(NAMESPACE, IMPORTANCE_SAMPLED)
+
+    def process(self, ref, smallest):
+        # Fewer keys than asked for: every labeled ref is in the sample.
+        key = quality.sample_key(ref.example_id, self.seed)
+        if len(smallest) < self.size or key <= smallest[-1]:
+            self.sampled.inc()
+            yield ref
 
 
 class SumImportancePartials(beam.CombineFn):

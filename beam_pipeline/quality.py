@@ -76,34 +76,62 @@ def perturbation_curves(predict_target, images, maps, targets, steps: int = 16,
     Deletion's first point and insertion's last are the clean image, deletion's last and
     insertion's first the baseline, so each example costs 2·steps model inputs, not 2·(steps+1).
     """
+    _check_batch(np.asarray(images), maps, targets)
+    return perturbation_curves_of_maps(predict_target, images, [maps], targets, steps, baseline,
+                                       blur_sigma, batch_size)[0]
+
+
+def perturbation_curves_of_maps(predict_target, images, map_sets: Sequence[np.ndarray], targets,
+                                steps: int = 16, baseline: str = "blur", blur_sigma: float = 0.1,
+                                batch_size: int = 64) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """``perturbation_curves`` of several map sets (e.g. every method's and a random map) on the
+    same images and targets, one (deletion, insertion) pair per set. The perturbed images of every
+    set go through the model together, in full chunks of ``batch_size`` (a few sampled examples
+    per explain batch still fill the model's batches), and the baselines (a blur of every image)
+    and the resolved targets are computed once."""
     images = np.asarray(images, np.float32)
     steps = _positive(steps, "Faithfulness steps")
     batch_size = _positive(batch_size, "Faithfulness batch size")
-    _check_batch(images, maps, targets)
+    for maps in map_sets:
+        _check_batch(images, maps, targets)
     count, height, width = images.shape[:3]
-    if count == 0:
+    if count == 0 or not map_sets:
         empty = np.zeros((0, steps + 1), np.float32)
-        return empty, empty.copy()
+        return [(empty, empty.copy()) for _ in map_sets]
     bases = faithfulness_baselines(images, baseline, blur_sigma)
-    ranks = pixel_ranks(maps, height, width)
+    # Row r of ``ranks`` is map set r // count on image r % count.
+    ranks = np.concatenate([pixel_ranks(maps, height, width) for maps in map_sets])
     targets = _resolve_targets(predict_target, images, np.asarray(targets, np.int64))
-    # Per example: deletion k = 0..steps, then insertion k = 1..steps-1 (the ends are shared).
+    # Per row: deletion k = 0..steps, then insertion k = 1..steps-1 (the ends are shared).
     kept = _pixel_counts(steps, height * width)
-    per_example_n = np.concatenate([kept, kept[1:steps]])
-    per_example_insert = np.arange(2 * steps) > steps
-    scores = np.empty(count * 2 * steps, np.float32)
-    example = np.repeat(np.arange(count), 2 * steps)
-    n_top = np.tile(per_example_n, count)
-    insert = np.tile(per_example_insert, count)
+    per_row_n = np.concatenate([kept, kept[1:steps]])
+    per_row_insert = np.arange(2 * steps) > steps
+    rows = len(ranks)
+    scores = np.empty(rows * 2 * steps, np.float32)
+    row = np.repeat(np.arange(rows), 2 * steps)
+    n_top = np.tile(per_row_n, rows)
+    insert = np.tile(per_row_insert, rows)
     for start in range(0, scores.size, batch_size):
         part = slice(start, start + batch_size)
-        batch = _perturb(images, bases, ranks, example[part], n_top[part], insert[part])
+        batch = _perturb(images, bases, ranks, row[part], n_top[part], insert[part])
         probabilities = np.asarray(predict_target(batch))
-        scores[part] = probabilities[np.arange(len(batch)), targets[example[part]]]
-    scores = scores.reshape(count, 2 * steps)
-    deletion = scores[:, : steps + 1]
-    insertion = np.concatenate([deletion[:, steps:], scores[:, steps + 1:], deletion[:, :1]], 1)
-    return deletion, insertion
+        scores[part] = probabilities[np.arange(len(batch)), targets[row[part] % count]]
+    scores = scores.reshape(len(map_sets), count, 2 * steps)
+    curves = []
+    for per_set in scores:
+        deletion = per_set[:, : steps + 1]
+        insertion = np.concatenate([deletion[:, steps:], per_set[:, steps + 1:],
+                                    deletion[:, :1]], 1)
+        curves.append((deletion, insertion))
+    return curves
+
+
+def deletion_insertion_of_maps(predict_target, images, map_sets, targets, steps: int = 16,
+                               baseline: str = "blur", blur_sigma: float = 0.1,
+                               batch_size: int = 64) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """``deletion_insertion`` of several map sets in one batched pass: [(deletion, insertion)]."""
+    return [(trapezoid_auc(d), trapezoid_auc(i)) for d, i in perturbation_curves_of_maps(
+        predict_target, images, map_sets, targets, steps, baseline, blur_sigma, batch_size)]
 
 
 def trapezoid_auc(curves: np.ndarray) -> np.ndarray:
@@ -143,12 +171,14 @@ def _pixel_counts(steps: int, pixels: int) -> np.ndarray:
     return (np.arange(steps + 1) * pixels + steps // 2) // steps
 
 
-def _perturb(images, bases, ranks, example, n_top, insert) -> np.ndarray:
-    """One chunk of perturbed images: the top ``n_top`` pixels come from the baseline (deletion)
-    or from the image (insertion); the others from the other one."""
+def _perturb(images, bases, ranks, row, n_top, insert) -> np.ndarray:
+    """One chunk of perturbed images: the top ``n_top`` pixels (of the map of ``ranks[row]``)
+    come from the baseline (deletion) or from the image (insertion); the others from the other
+    one. Row r's image is r % len(images)."""
     height, width = images.shape[1:3]
-    top = (ranks[example] < n_top[:, None]).reshape(-1, height, width, 1)
+    top = (ranks[row] < n_top[:, None]).reshape(-1, height, width, 1)
     insert = insert[:, None, None, None]
+    example = row % len(images)
     image, base = images[example], bases[example]
     return np.where(top, np.where(insert, image, base), np.where(insert, base, image))
 
@@ -203,20 +233,34 @@ def cascading_randomization(model, make_method: Callable[[Classifier], Callable]
     original tensor, seeded by ``seed`` and the layer's name: activations keep their scale, and
     a layer's draw does not depend on the checkpoints chosen.
     """
+    return cascading_randomization_of_methods(model, {"method": make_method}, images, targets,
+                                              seed, layers, batch_size)["method"]
+
+
+def cascading_randomization_of_methods(model, make_methods: Dict[str, Callable], images,
+                                       targets, seed: int,
+                                       layers: Optional[Sequence[str]] = None,
+                                       batch_size: int = 32) -> Dict[str, List[Dict]]:
+    """``cascading_randomization`` of several methods ({name: make_method}) on one copy of the
+    model: it is cloned and randomized once, each method is traced once on it, and at every
+    checkpoint every method's maps are recomputed. The rows per method are those of separate
+    runs (the draws depend on the seed and the layer name only)."""
     copy, classifier = classifier_copy(model)
-    method = make_method(classifier)
-    original = _explain(method, images, targets, batch_size)
-    targets = original["target_class"]  # fixed from here on
+    methods = {name: make(classifier) for name, make in make_methods.items()}
+    originals = {name: _explain(method, images, targets, batch_size)
+                 for name, method in methods.items()}
     top_down = parameterized_layers(copy)[::-1]
-    rows = []
+    rows: Dict[str, List[Dict]] = {name: [] for name in methods}
     randomized = 0
     for step, stop in enumerate(_checkpoints(top_down, layers), start=1):
         for name, layer in top_down[randomized: stop + 1]:
             randomize_layer(layer, name, seed)
         randomized = stop + 1
-        correlations = rank_correlations(original["maps"],
-                                         _explain(method, images, targets, batch_size)["maps"])
-        rows.append(_summary_row(step, top_down[stop][0], correlations))
+        for name, method in methods.items():
+            original = originals[name]  # its target classes are fixed from the original model
+            maps = _explain(method, images, original["target_class"], batch_size)["maps"]
+            rows[name].append(_summary_row(step, top_down[stop][0],
+                                           rank_correlations(original["maps"], maps)))
     return rows
 
 

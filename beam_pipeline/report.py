@@ -125,6 +125,9 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
         "faithfulness": figures.faithfulness(stats, run),
         "sanity": figures.sanity(output, run),
     })
+    if summary["importance"]:
+        summary["importance"]["sample"] = report_text.importance_sample_sentence(
+            (run.get("importance") or {}).get("sample"))
     summary["findings"] = report_text.findings(summary)
     summary["omitted"] = report_text.omitted_notes(run, summary)
     summary["method_notes"] = report_text.method_notes(methods)

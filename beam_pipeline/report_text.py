@@ -215,6 +215,20 @@ GENERAL_NOTES = (
 )
 
 
+def importance_sample_sentence(sample: Optional[dict]) -> Optional[str]:
+    """What permutation importance was estimated on (run.json importance.sample)."""
+    if not sample:
+        return None
+    used, labeled = sample.get("examples"), sample.get("labeled_examples")
+    of = f" of {labeled:,}" if labeled is not None else ""
+    if sample.get("requested") == "all":
+        return f"Estimated on every labeled example ({used:,}{of})."
+    return (f"Estimated on {used:,}{of} labeled examples, seeded (--seed {sample.get('seed')}: "
+            f"the examples with the smallest hash of seed and id; --importance-sample "
+            f"{sample.get('requested')}). The interval narrows as one over the square root of "
+            "the sample size; --importance-sample all uses every labeled example.")
+
+
 def method_notes(methods) -> List[str]:
     return [METHOD_NOTES[m] for m in methods if m in METHOD_NOTES] + list(GENERAL_NOTES)
 

@@ -303,6 +303,8 @@ def job_breakdown(wall: float, run: dict) -> dict:
         "explain_batch_msecs_sum_s": counters.get("explain_batch_msecs_sum", 0) / 1000.0,
         "batches": counters.get("batches"),
         "counts": run.get("counts", {}),
+        # The cost model's passes per stage and the busy seconds workers spent in each.
+        "cost": run.get("cost", {}),
     }
 
 
@@ -343,6 +345,12 @@ def print_report(result: dict) -> None:
           f"load #2 in setup, shuffles, Parquet) "
           f"{job['pipeline_s'] - job['decode_msecs_sum_s'] - job['explain_batch_msecs_sum_s']:.2f}")
     print(f"  after the pipeline (read-back counts, run.json): {job['outside_pipeline_s']:.2f}")
+    cost = job.get("cost") or {}
+    for stage, passes in (cost.get("estimate") or {}).items():
+        busy = (cost.get("stage_busy_s") or {}).get(stage)
+        print(f"  stage {stage}: {passes['forward']:,} forward + {passes['backward']:,} backward "
+              f"image passes on {passes['examples']} examples; busy "
+              + ("n/a" if busy is None else f"{busy:.2f} s"))
     print(f"  bare: model load {bare['model_load_s']:.2f}, warm-up/trace "
           f"{bare['warmup_trace_s']:.2f}, median batch {bare['batch_s_median']:.3f}")
     share = result["machine"]["other_processes_cpu_share"]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipeline import cli, decode, importance
+from beam_pipeline import cli, decode, importance, quality
 from conftest import write_png
 
 SIZE = 16  # a 4x4 grid of 4x4-pixel patches
@@ -53,7 +53,7 @@ def audit(tmp_path, model, data, name, *extra):
     return out
 
 
-def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data):
+def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data, capfd):
     model = one_patch_model(tmp_path / "m.keras")
     out = audit(tmp_path, model, patch_data, "out", "--shard-size", "16")
     summary = pd.read_parquet(out / "importance_summary.parquet")
@@ -69,6 +69,14 @@ def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data):
     assert top.ci_low <= top.importance <= top.ci_high and top.n == 40
     run = json.loads((out / "run.json").read_text())
     assert run["importance"]["repeats"] == 3 and len(run["importance"]["features"]) == 16
+    # The up-front estimate: 40 examples (fewer than the default sample), 1 + 16 × 3 passes each.
+    estimate = run["cost"]["estimate"]
+    assert estimate["importance"] == {"examples": 40, "forward": 40 * 49, "backward": 0}
+    assert estimate["explain"]["forward"] == 40 and estimate["faithfulness"]["examples"] == 40
+    assert ("Cost estimate, importance: 1,960 forward and 0 backward image passes on 40 "
+            "examples.") in capfd.readouterr().err
+    busy = run["cost"]["stage_busy_s"]
+    assert all(busy[stage] > 0 for stage in ("explain", "importance", "faithfulness", "sanity"))
 
 
 def _direct_figures(model_path, manifest, features, repeats, seed, shard_size):
@@ -122,9 +130,11 @@ def test_combined_figures_equal_a_direct_single_process_computation(tmp_path, pa
 
     model = tmp_path / "gap.keras"
     gap_model(num_classes=2, seed=4).save(model)
+    # --importance-sample all: every labeled example, shards as before sampling existed.
     out = audit(tmp_path, str(model), patch_data, "out", "--shard-size", "7",
                 "--permutation-features", "patches:2x2,channels", "--permutation-repeats", "2",
-                "--seed", "11", "--baseline-gates", "off")  # random weights: useless
+                "--seed", "11", "--baseline-gates", "off",  # random weights: useless
+                "--importance-sample", "all")
     summary = pd.read_parquet(out / "importance_summary.parquet")
     raw = pd.read_parquet(out / "importance")
     shard_sizes = raw.groupby("shard").n.first()
@@ -137,18 +147,44 @@ def test_combined_figures_equal_a_direct_single_process_computation(tmp_path, pa
         assert row.std == pytest.approx(std, abs=1e-6)
 
 
-def test_runner_modes_give_identical_importances(tmp_path, patch_data):
+def test_runner_modes_give_identical_seeded_samples(tmp_path, patch_data):
+    """--importance-sample 25 of 40: the 25 labeled examples with the smallest seeded keys, the
+    same on both runners, and figures equal to a direct computation on exactly those examples."""
     model = one_patch_model(tmp_path / "m.keras")
-    tables = {}
+    tables, runs = {}, {}
     for mode in ("in_memory", "multi_processing"):
-        out = audit(tmp_path, model, patch_data, mode, "--shard-size", "9",
+        out = audit(tmp_path, model, patch_data, mode, "--shard-size", "9", "--seed", "5",
+                    "--importance-sample", "25",
                     "--direct_num_workers", "2", "--direct_running_mode", mode)
         tables[mode] = pd.read_parquet(out / "importance_summary.parquet").sort_values(
             ["feature", "metric"]).reset_index(drop=True)
+        runs[mode] = json.loads((out / "run.json").read_text())["importance"]["sample"]
     a, b = tables["in_memory"], tables["multi_processing"]
-    assert list(a.feature) == list(b.feature)
+    assert list(a.feature) == list(b.feature) and (a.n == 25).all() and (b.n == 25).all()
     np.testing.assert_allclose(a.importance, b.importance, atol=1e-9)
     np.testing.assert_allclose(a["std"], b["std"], atol=1e-9)
+    assert a.ci_low.notna().all() and (a.ci_low <= a.importance).all()
+    for sample in runs.values():
+        assert sample == {**sample, "requested": 25, "examples": 25, "labeled_examples": 40,
+                          "selected": 25, "seed": 5}
+    frame = pd.read_csv(patch_data)
+    chosen = quality.seeded_sample(frame.id, 25, 5)
+    subset = patch_data.replace("manifest.csv", "sample.csv")
+    frame[frame.id.isin(chosen)].to_csv(subset, index=False)
+    features = importance.parse_features("patches:4x4", SIZE, SIZE, 3)
+    direct = _direct_figures(model, subset, features, 3, 5, 9)
+    for row in a.itertuples():
+        mean, std = direct[(row.feature, row.metric)]
+        assert row.importance == pytest.approx(mean, abs=1e-6), (row.feature, row.metric)
+
+
+def test_importance_sample_option():
+    assert importance.parse_sample("all") is None and importance.parse_sample("ALL") is None
+    assert importance.parse_sample("300") == 300 and importance.parse_sample(2000) == 2000
+    from beam_pipeline.errors import OptionError
+    for bad in ("0", "-3", "many", "2.5"):
+        with pytest.raises(OptionError, match="--importance-sample"):
+            importance.parse_sample(bad)
 
 
 def test_shards_of_size_one_and_a_final_partial_shard(tmp_path, patch_data):

@@ -70,6 +70,23 @@ def region_predictor():
     return predictor(region_model())
 
 
+def test_several_map_sets_share_full_batches_and_equal_separate_passes(region_predictor):
+    """One sampled example, two map sets, 4 steps: 2 × 8 perturbed images, one full batch of 16
+    (separately: two half batches); the AUCs are those of separate passes."""
+    images, targets = checker_images(n=1), np.ones(1, np.int32)
+    sets = [quadrant_map(1, 0, 0), quadrant_map(1, 1, 1)]
+    counting = CountingPredictor(region_predictor)
+    together = quality.deletion_insertion_of_maps(counting, images, sets, targets, steps=4,
+                                                  batch_size=16)
+    assert counting.sizes == [16]
+    for maps, (deletion, insertion) in zip(sets, together):
+        alone = quality.deletion_insertion(region_predictor, images, maps, targets, steps=4,
+                                           batch_size=16)
+        np.testing.assert_allclose(deletion, alone[0], atol=1e-6)
+        np.testing.assert_allclose(insertion, alone[1], atol=1e-6)
+    assert together[0][0][0] < together[1][0][0]  # the used region is deleted faster
+
+
 @pytest.mark.parametrize("baseline", ["black", "blur"])
 def test_map_on_the_region_the_model_uses_is_more_faithful(region_predictor, baseline):
     images, targets = checker_images(), np.ones(3, np.int32)
@@ -247,6 +264,25 @@ def test_checkpoints_and_seeded_draws():
     with pytest.raises(OptionError, match="gap"):
         quality.cascading_randomization(model, saliency_factory, images, targets, seed=0,
                                         layers=["gap"])
+
+
+def test_several_methods_share_one_randomized_copy(monkeypatch):
+    """Two methods: the model is cloned once, and each method's rows equal a separate run."""
+    model, images, targets = conv_model(), _images(4), np.zeros(4, np.int32)
+    alone = {"gradcam": quality.cascading_randomization(model, gradcam_factory("conv2"), images,
+                                                        targets, seed=3),
+             "edges": quality.cascading_randomization(model, EdgeMap, images, targets, seed=3)}
+    clones = []
+    original_copy = quality.classifier_copy
+    monkeypatch.setattr(quality, "classifier_copy",
+                        lambda m: clones.append(m) or original_copy(m))
+    together = quality.cascading_randomization_of_methods(
+        model, {"gradcam": gradcam_factory("conv2"), "edges": EdgeMap}, images, targets, seed=3)
+    assert len(clones) == 1 and set(together) == {"gradcam", "edges"}
+    for name, rows in together.items():
+        assert [r["randomized_up_to"] for r in rows] == [r["randomized_up_to"] for r in alone[name]]
+        np.testing.assert_allclose([r["spearman_mean"] for r in rows],
+                                   [r["spearman_mean"] for r in alone[name]], atol=1e-6)
 
 
 def test_copy_of_prepared_nested_frozen_models():

@@ -109,7 +109,9 @@ def write_output(root, n, sites=("a", "b"), class_names=("neg", "pos"), images=T
                    "error_rate": errors / (n + errors), "errors_by_type": {"corrupt_image": errors},
                    "accounting_ok": True},
         "tfma": {"metrics": metrics} if tfma else {"skipped_because": "--tfma-config none"},
-        "importance": {} if importance else {"skipped_because": "--permutation-features none"},
+        "importance": ({"sample": {"requested": 2000, "examples": 2000, "labeled_examples": 50000,
+                                   "seed": 0}} if importance
+                       else {"skipped_because": "--permutation-features none"}),
         "gates": _gates(),
     }
     (root / "run.json").write_text(json.dumps(run))
@@ -153,10 +155,24 @@ def test_summary_figures_verdict_and_one_class_auc(small_output):
     assert {g["class"] for g in summary["galleries"] if g["slice"] == "site=a"} == {0, 1}
     html = open(path).read()
     assert "Verdict: FAILED" in html and "map only" not in html
+    assert "Estimated on 2,000 of 50,000 labeled examples, seeded (--seed 0" in html
     assert re.search(r"<td class=\"text\">site=c</td><td>20</td><td><span class=\"na\">n/a</span>",
                      html)
     assert "No layer sweep" in html  # omitted with a one-line note
     assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def test_importance_sample_sentence():
+    sentence = report_text.importance_sample_sentence(
+        {"requested": 2000, "examples": 1990, "labeled_examples": 100_000, "seed": 7})
+    assert sentence.startswith("Estimated on 1,990 of 100,000 labeled examples, seeded (--seed 7")
+    assert report_text.importance_sample_sentence(
+        {"requested": "all", "examples": 40, "labeled_examples": 40, "seed": 0}
+    ) == "Estimated on every labeled example (40 of 40)."
+    # A runner without metrics: the population is unknown.
+    assert "on 2,000 labeled" in report_text.importance_sample_sentence(
+        {"requested": 2000, "examples": 2000, "labeled_examples": None, "seed": 0})
+    assert report_text.importance_sample_sentence(None) is None
 
 
 def test_sections_without_input_are_omitted_with_a_note(tmp_path):
