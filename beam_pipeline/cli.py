@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
-from . import __version__  # noqa: E402
+from . import __version__, method_registry  # noqa: E402
 from .errors import AuditError  # noqa: E402
 
 EPILOG = (
@@ -57,18 +57,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
                      help="pixel scaling the model expects [unit: /255]")
     run.add_argument("--methods", type=_comma_list, default=["gradcam"],
-                     help="comma list of gradcam, gradcam_plus_plus, cam, saliency, smoothgrad, "
-                          "integrated_gradients [gradcam]")
+                     help=f"comma list of {', '.join(method_registry.NAMES)} [gradcam]")
     run.add_argument("--map-size", type=int, default=56,
                      help="input-resolution maps are average-pooled to at most this size [56]")
-    run.add_argument("--gradcam-activation", choices=("relu", "abs"), default="relu",
-                     help="Grad-CAM's final activation: relu, or abs for magnitude [relu]")
-    run.add_argument("--smoothgrad-samples", type=int, default=16, help="SmoothGrad copies [16]")
-    run.add_argument("--smoothgrad-sigma", type=float, default=0.15,
-                     help="SmoothGrad noise, as a fraction of the image's range [0.15]")
-    run.add_argument("--ig-steps", type=int, default=64, help="Integrated Gradients steps [64]")
-    run.add_argument("--ig-baseline", choices=("black", "blur", "uniform"), default="black",
-                     help="Integrated Gradients baseline [black]")
+    for option in method_registry.OPTIONS.values():  # --gradcam-activation, --ig-steps, ...
+        run.add_argument(option.flag, type=option.type, default=option.default,
+                         choices=option.choices or None, help=f"{option.help} [{option.default}]")
     run.add_argument("--layer", default="auto",
                      help="auto (last 4-D layer, nested models searched), a layer name, a comma "
                           "list, or all (Grad-CAM sweep over every 4-D layer) [auto]")
@@ -207,9 +201,8 @@ def _request_from_args(args) -> "AuditRequest":
         max_image_pixels=args.max_image_pixels, tfma_config=args.tfma_config,
         confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
         permutation_features=args.permutation_features, map_size=args.map_size,
-        gradcam_activation=args.gradcam_activation, smoothgrad_samples=args.smoothgrad_samples,
-        smoothgrad_sigma=args.smoothgrad_sigma, ig_steps=args.ig_steps,
-        ig_baseline=args.ig_baseline, faithfulness_sample=args.faithfulness_sample,
+        **{key: getattr(args, key) for key in method_registry.OPTIONS},
+        faithfulness_sample=args.faithfulness_sample,
         sanity_sample=args.sanity_sample,
         permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
         overwrite=args.overwrite,

@@ -13,15 +13,15 @@ import io
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, decode, evaluation, importance, layer_sweep, model_io,
-               outputs, pipeline, quality, runinfo, sources)
+from . import (attribution_methods, decode, evaluation, importance, layer_sweep,
+               method_registry, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -58,11 +58,12 @@ class AuditRequest:
     image_size: Optional[str] = None
     max_image_pixels: int = decode.DEFAULT_MAX_IMAGE_PIXELS
     map_size: int = 56
-    gradcam_activation: str = "relu"
-    smoothgrad_samples: int = 16
-    smoothgrad_sigma: float = 0.15
-    ig_steps: int = 64
-    ig_baseline: str = "black"
+    # Method options (method_registry.OPTIONS, where their defaults and checks live).
+    gradcam_activation: str = method_registry.default("gradcam_activation")
+    smoothgrad_samples: int = method_registry.default("smoothgrad_samples")
+    smoothgrad_sigma: float = method_registry.default("smoothgrad_sigma")
+    ig_steps: int = method_registry.default("ig_steps")
+    ig_baseline: str = method_registry.default("ig_baseline")
     faithfulness_sample: int = 256
     sanity_sample: int = 32
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
@@ -87,7 +88,7 @@ class Plan:
 
 
 def _check_options(req: AuditRequest) -> None:
-    known = attribution_methods.ALL_METHODS
+    known = method_registry.NAMES
     unknown = [m for m in req.methods if m not in known]
     if unknown or not req.methods:
         raise OptionError(
@@ -95,6 +96,7 @@ def _check_options(req: AuditRequest) -> None:
         )
     if len(set(req.methods)) != len(req.methods):
         raise OptionError("--methods names a method twice.")
+    method_registry.check_options(req.methods, _method_options(req))
     if req.map_size < 1:
         raise OptionError("--map-size must be at least 1.")
     if (req.layer == "all" or "," in req.layer) and "gradcam" not in req.methods:
@@ -107,6 +109,11 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError("--max-error-rate is a fraction between 0 and 1.")
     if req.max_image_pixels < 1:
         raise OptionError("--max-image-pixels must be positive.")
+
+
+def _method_options(req: AuditRequest) -> Dict[str, Any]:
+    """The options the explainers are built with (run.json's options keep the request's)."""
+    return {**{key: getattr(req, key) for key in method_registry.OPTIONS}, "seed": req.seed}
 
 
 def _class_names(req: AuditRequest, spec: sources.SourceSpec, num_classes: int) -> List[str]:
@@ -210,14 +217,7 @@ def plan_audit(req: AuditRequest) -> Plan:
         batch_size=req.batch_size,
         unsafe_deserialization=req.unsafe_deserialization,
         methods=list(req.methods),
-        method_options={
-            "gradcam_activation": req.gradcam_activation,
-            "smoothgrad_samples": req.smoothgrad_samples,
-            "smoothgrad_sigma": req.smoothgrad_sigma,
-            "ig_steps": req.ig_steps,
-            "ig_baseline": req.ig_baseline,
-            "seed": req.seed,
-        },
+        method_options=_method_options(req),
         map_size=req.map_size,
         sweep=bool(sweep_names),
         sweep_layer_names=sweep_names,

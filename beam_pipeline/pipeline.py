@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
-               model_io, quality, sources)
+               method_registry, model_io, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
@@ -199,8 +199,9 @@ def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
         if cfg.sweep and "gradcam" in cfg.methods:
             swept = [(n, l) for n, l in layer_sweep.sweep_layers(model)
                      if n in cfg.sweep_layer_names]
+            activation = method_registry.constructor_args("gradcam", cfg.method_options)
             methods = {"gradcam": SweepAsGradCAM(layer_sweep.GradCAMSweep(
-                classifier, swept, _input_shape(cfg)), cfg.layer), **methods}
+                classifier, swept, _input_shape(cfg), **activation), cfg.layer), **methods}
         return methods
 
     key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.layer, cfg.sweep,
@@ -355,17 +356,17 @@ class ExplainBatches(beam.DoFn):
                         masks: List[Optional[np.ndarray]]) -> List[dict]:
         """Per example, the columns of one method: its map (input-resolution maps pooled to
         --map-size), shape, and agreement with the mask."""
-        maps = out["maps"]
+        maps, record = out["maps"], method_registry.get(name)
         written = (attribution_methods.pool_map(maps, self.config.map_size)
-                   if name in attribution_methods.INPUT_RESOLUTION_METHODS else maps)
+                   if record.resolution == "input" else maps)
         columns = [{name: m.astype(np.float32).ravel().tolist(), f"{name}_shape": list(m.shape)}
                    for m in written]
-        if name in attribution_methods.LAYER_METHODS:
+        if record.resolution == "layer":
             for col in columns:
                 col[f"{name}_layer"] = self.config.layer
-        if "completeness_gap" in out:
-            for col, gap in zip(columns, out["completeness_gap"]):
-                col["ig_completeness_gap"] = None if np.isnan(gap) else float(gap)
+        for extra in record.extra_columns:
+            for col, value in zip(columns, out[extra.output]):
+                col[extra.column] = None if np.isnan(value) else float(value)
         for key, column in (("deletion_auc", f"{name}_deletion_auc"),
                             ("insertion_auc", f"{name}_insertion_auc")):
             if self.config.faithfulness_sample:

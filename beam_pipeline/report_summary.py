@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from . import evaluation, importance, quality, runinfo
+from . import evaluation, importance, method_registry, quality, runinfo
 
 MAX_METRIC_COLUMNS = 10
 MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
@@ -28,10 +28,7 @@ NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction", "calibration
 PRIMARY_METRICS = ("auc", "binary_accuracy", "accuracy", "precision[topK:1]")
 # The faithfulness reference: the same measures for a seeded random map on the same examples.
 RANDOM_FAITHFULNESS = ("random_deletion_auc", "random_insertion_auc")
-METHOD_NAMES = {
-    "gradcam": "Grad-CAM", "gradcam_plus_plus": "Grad-CAM++", "cam": "CAM", "saliency": "Saliency", "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "Integrated Gradients",
-}
+METHOD_NAMES = method_registry.display_names()
 
 
 def join(output: str, *parts: str) -> str:
