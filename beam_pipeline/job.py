@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from . import (attribution_methods, decode, evaluation, importance, layer_sweep,
-               method_registry, model_io, outputs, pipeline, quality, runinfo, sources)
+               layout, method_registry, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError
 
@@ -382,12 +382,12 @@ def _translate_only(req: AuditRequest, plan: Plan, beam_args: Sequence[str], fin
 
 def _count_outputs(output: str, counters: Dict[str, float]) -> dict:
     """Counts from the files a reader will see, checked against the job's own input counter."""
-    ok_ids = runinfo.read_column(pipeline.output_path(output, "attributions"), "example_id")
-    error_types = runinfo.read_column(pipeline.output_path(output, "errors"), "error_type")
+    ok_ids = runinfo.read_column(layout.join(output, layout.ATTRIBUTIONS), "example_id")
+    error_types = runinfo.read_column(layout.join(output, layout.ERRORS), "error_type")
     failed, total = len(error_types), len(ok_ids) + len(error_types)
     examples_in = int(counters.get("examples_in", total))
     # Audited examples with an empty label: they have maps and predictions, but no metric.
-    unlabeled = (runinfo.read_column(pipeline.output_path(output, "attributions"), "label")
+    unlabeled = (runinfo.read_column(layout.join(output, layout.ATTRIBUTIONS), "label")
                  .null_count if len(ok_ids) else 0)
     return {
         "examples_in": examples_in,
@@ -404,7 +404,7 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
     """TFMA's figures for run.json and the gates they feed (raises EvaluationError if empty)."""
     if plan.config.eval_config is None:
         return {"skipped_because": plan.tfma_skipped_because}, []
-    tfma_dir = pipeline.output_path(plan.config.output, "tfma")
+    tfma_dir = layout.join(plan.config.output, layout.TFMA)
     with outputs.local_folder(tfma_dir) as readable:
         table = evaluation.read_tfma_results(readable)
         gates = evaluation.threshold_gates(readable)
@@ -430,17 +430,17 @@ def _quality_summary(plan: Plan) -> dict:
     summary: dict = {"faithfulness_sample": cfg.faithfulness_sample,
                      "sanity_sample": cfg.sanity_sample}
     if cfg.faithfulness_sample:  # the sample size used, against the one asked for
-        column = runinfo.read_column(pipeline.output_path(cfg.output, "attributions"),
+        column = runinfo.read_column(layout.join(cfg.output, layout.ATTRIBUTIONS),
                                      f"{cfg.methods[0]}_deletion_auc")
         summary["faithfulness_examples"] = len(column) - column.null_count
     if cfg.sanity_sample:
-        rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))
+        rows = _read_table(layout.join(cfg.output, layout.SANITY))
         summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"],
                                  "judged_step": r["step"], "examples": r["examples"],
                                  "sampled": r.get("sampled")}
                              for m, r in quality.sanity_final_rows(rows).items()}
     if cfg.sweep:
-        rows = _read_table(pipeline.output_path(cfg.output, "layer_sweep.parquet"))
+        rows = _read_table(layout.join(cfg.output, layout.LAYER_SWEEP))
         summary["layer_sweep"] = {"layers": len(cfg.sweep_layer_names),
                                   "best_layer_by_energy_lift": quality.best_sweep_layer(rows)}
     return summary
@@ -450,7 +450,7 @@ def _importance_summary(plan: Plan) -> dict:
     cfg = plan.config
     if not cfg.permutation_features:
         return {"skipped_because": plan.importance_skipped_because}
-    path = pipeline.output_path(cfg.output, "importance_summary.parquet")
+    path = layout.join(cfg.output, layout.IMPORTANCE_SUMMARY)
     with FileSystems.open(path) as handle:
         table = pq.read_table(io.BytesIO(handle.read()))
     rows = sorted(table.to_pylist(), key=lambda r: (r["metric"], -(r["importance"] or 0.0)))
@@ -544,7 +544,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
     payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
     payload["run_id"] = run_id
     # run.json last and atomically: its presence means every other output is complete.
-    outputs.write_json_atomic(pipeline.output_path(final, outputs.RUN_JSON), payload)
+    outputs.write_json_atomic(layout.join(final, layout.RUN_JSON), payload)
     outputs.finish(staging)
     _log_summary(payload, final)
     report_written = write_report_after_run(final)

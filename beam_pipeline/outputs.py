@@ -30,16 +30,12 @@ from typing import List
 
 from apache_beam.io.filesystems import FileSystems
 
+from . import layout
 from .errors import AuditError
 
 LOG = logging.getLogger("xai_audit")
 
-RUN_JSON = "run.json"
-# Every name the audit writes at the top of DIR (DESIGN.md "Output folder").
-OUTPUT_NAMES = (
-    RUN_JSON, "attributions", "errors", "importance", "importance_summary.parquet", "tfma",
-    "layer_sweep.parquet", "layer_sweep_maps.parquet", "sanity.parquet", "report",
-)
+RUN_JSON, OUTPUT_NAMES = layout.RUN_JSON, layout.OUTPUT_NAMES  # the names live in ``layout``
 STAGING_PREFIX = ".incomplete-"
 # Written first into the staging folder and removed last, so the folder is recognisable as an
 # unfinished run even on object stores, where an empty "folder" does not exist.
@@ -73,8 +69,7 @@ def new_run_id() -> str:
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
 
-def join(output: str, *parts: str) -> str:
-    return FileSystems.join(output.rstrip("/"), *parts)
+join = layout.join
 
 
 def staging_path(output: str, run_id: str) -> str:

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
-               method_registry, model_io, quality, sources)
+               layout, method_registry, model_io, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
@@ -528,7 +528,7 @@ class PermutationImportance(beam.PTransform):
             raw
             | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
             | "WriteImportance" >> beam.io.WriteToParquet(
-                output_path(cfg.output, "importance", "part"), IMPORTANCE_SCHEMA,
+                layout.writer_prefix(cfg.output, layout.IMPORTANCE), IMPORTANCE_SCHEMA,
                 file_name_suffix=".parquet",
                 # The AUC rows carry 4 x 1000-bucket histograms per class: buffer fewer of them
                 # as Python rows (Beam's default is 1000 rows, then 64 MB of Arrow).
@@ -544,7 +544,7 @@ class PermutationImportance(beam.PTransform):
                 importance.summary_of(feature, metric, per_repeat)
                 for metric in importance.METRICS])
             | "WriteSummary" >> beam.io.WriteToParquet(
-                output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
+                layout.writer_prefix(cfg.output, layout.IMPORTANCE_SUMMARY), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
 
@@ -586,7 +586,7 @@ class LayerSweepTable(beam.PTransform):
             | "SumCounters" >> beam.CombinePerKey(_add_counters)
             | "ToRows" >> beam.MapTuple(to_row)
             | "WriteSweep" >> beam.io.WriteToParquet(
-                output_path(self.config.output, "layer_sweep"), SWEEP_SCHEMA,
+                layout.writer_prefix(self.config.output, layout.LAYER_SWEEP), SWEEP_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
 
@@ -603,8 +603,7 @@ def _finite(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def output_path(output: str, *parts: str) -> str:
-    return FileSystems.join(output.rstrip("/"), *parts)
+output_path = layout.join  # kept for callers; paths live in ``layout``
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
@@ -657,7 +656,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
     if config.sweep:
         _ = explained[SWEEP] | "LayerSweep" >> LayerSweepTable(config)
         _ = explained[SWEEP_MAPS] | "WriteSweepMaps" >> beam.io.WriteToParquet(
-            output_path(config.output, "layer_sweep_maps"), SWEEP_MAPS_SCHEMA,
+            layout.writer_prefix(config.output, layout.LAYER_SWEEP_MAPS), SWEEP_MAPS_SCHEMA,
             file_name_suffix=".parquet", num_shards=1, shard_name_template="")
     if config.sanity_sample:
         _ = (
@@ -668,7 +667,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
             | "SanityBatch" >> beam.combiners.ToList()
             | "Sanity" >> beam.ParDo(SanityCheck(config))
             | "WriteSanity" >> beam.io.WriteToParquet(
-                output_path(config.output, "sanity"), SANITY_SCHEMA,
+                layout.writer_prefix(config.output, layout.SANITY), SANITY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
     schema = attribution_schema(spec.column_types, spec.has_masks, config.methods,
@@ -677,16 +676,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         _ = unique.refs | "Importance" >> PermutationImportance(config, count)
     if config.eval_config is not None:
         _ = explained.rows | "Evaluate" >> evaluation.EvaluateWithTFMA(
-            config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),
+            config.eval_config, layout.join(config.output, layout.TFMA), list(spec.slice_types),
             config.methods[0] if spec.has_masks else None,
         )
     _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
-        output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"
+        layout.writer_prefix(config.output, layout.ATTRIBUTIONS), schema, file_name_suffix=".parquet"
     )
     _ = (
         (enumerated[ERRORS], unique[ERRORS], decoded[ERRORS], explained[ERRORS])
         | "AllErrors" >> beam.Flatten()
         | "WriteErrors" >> beam.io.WriteToParquet(
-            output_path(config.output, "errors", "part"), ERROR_SCHEMA, file_name_suffix=".parquet"
+            layout.writer_prefix(config.output, layout.ERRORS), ERROR_SCHEMA, file_name_suffix=".parquet"
         )
     )
