@@ -27,6 +27,18 @@ class OptionError(AuditError):
     """An option value that cannot be honoured (e.g. a layer the model lacks)."""
 
 
+class OutputExistsError(AuditError):
+    """The output folder already holds a run, and --overwrite was not given."""
+
+
+class EvaluationError(AuditError):
+    """TFMA ran but produced nothing usable (e.g. no metrics at all)."""
+
+
+class ReportError(AuditError):
+    """The report cannot be made from DIR (e.g. there is no run.json)."""
+
+
 class ExampleError(Exception):
     """One example failed at ``stage`` (read, decode, label, predict, explain) for ``error_type``."""
 

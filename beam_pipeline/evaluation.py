@@ -18,7 +18,7 @@ import apache_beam as beam
 import pyarrow as pa
 from google.protobuf import text_format
 
-from .errors import AuditError, OptionError
+from .errors import EvaluationError, OptionError
 
 LABEL, SCORE, PROBABILITIES = "label", "score", "probabilities"
 PREDICTION_CORRECT = "prediction_correct"
@@ -27,10 +27,6 @@ DERIVED_SLICES = (PREDICTION_CORRECT, ATTENTION_ON_MASK)
 # attention_on_mask buckets the share of Grad-CAM mass on the mask relative to the mask's share
 # of the image (1 = attention spread evenly, no preference for the annotated region).
 ATTENTION_EDGES = (1.0, 1.5)
-
-
-class EvaluationError(AuditError):
-    """TFMA ran but produced nothing usable (e.g. no metrics at all)."""
 
 
 # --------------------------------------------------------------------------- configuration

@@ -277,8 +277,3 @@ def mask_metrics(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
 def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
     """(energies, hits, areas) of ``mask_metrics``."""
     return mask_metrics(maps, masks)[:3]
-
-
-def mask_iou(maps: np.ndarray, masks: List[Optional[np.ndarray]]) -> List[Optional[float]]:
-    """The ``iou`` of ``mask_metrics``."""
-    return mask_metrics(maps, masks)[3]

@@ -31,7 +31,7 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 
 from . import layout
-from .errors import AuditError
+from .errors import OutputExistsError
 
 LOG = logging.getLogger("xai_audit")
 
@@ -40,10 +40,6 @@ STAGING_PREFIX = ".incomplete-"
 # Written first into the staging folder and removed last, so the folder is recognisable as an
 # unfinished run even on object stores, where an empty "folder" does not exist.
 MARKER = "_RUN_IN_PROGRESS"
-
-
-class OutputExistsError(AuditError):
-    """The output folder already holds a run, and --overwrite was not given."""
 
 
 @dataclass

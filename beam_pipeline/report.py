@@ -24,14 +24,10 @@ from typing import Dict, List, Optional, Sequence
 import jinja2
 
 from . import layout, outputs, report_gallery, report_plots, report_summary, report_text, runinfo
-from .errors import AuditError
+from .errors import ReportError
 from .report_summary import METHOD_NAMES, SliceStats, exists, join
 
 SUMMARY_VERSION = 1
-
-
-class ReportError(AuditError):
-    """The report cannot be made from DIR (e.g. there is no run.json)."""
 
 
 def load_run(output: str) -> dict:

@@ -96,11 +96,6 @@ def beam_counters(result) -> Dict[str, float]:
     return figures
 
 
-def write_json(path: str, payload: dict) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
-
-
 def read_json(path: str) -> dict:
     with FileSystems.open(path) as handle:
         return json.loads(handle.read().decode())
