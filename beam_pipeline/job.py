@@ -497,14 +497,40 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
 
     outputs.prepare_folder(final, req.overwrite)
     outputs.start_staging(staging, run_id, started)
+    result, pipeline_options = _run_pipeline(req, plan, beam_args, staging, final)
+    config.output = final
+
+    counters = runinfo.beam_counters(result)
+    counts = _count_outputs(final, counters)
+    tfma_summary, gates, evaluation_error = _judge(req, plan, counts)
+    exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
+    payload = _run_json(req, plan, RunOutcome(started, pipeline_options, counts, counters,
+                                              tfma_summary, gates, exit_code))
+    payload["run_id"] = run_id
+    # run.json last and atomically: its presence means every other output is complete.
+    outputs.write_json_atomic(layout.join(final, layout.RUN_JSON), payload)
+    outputs.finish(staging)
+    _log_summary(payload, final)
+    report_written = write_report_after_run(final)
+    if evaluation_error:
+        raise evaluation_error
+    if not report_written and exit_code == EXIT_OK:
+        return EXIT_REPORT
+    return exit_code
+
+
+def _run_pipeline(req: AuditRequest, plan: Plan, beam_args: Sequence[str], staging: str,
+                  final: str):
+    """Build and run the pipeline into ``staging``, then promote its files to ``final``.
+    Returns (the Beam result, the pipeline's non-default options)."""
     promoting = False
     try:
         start = time.perf_counter()
         p = make_pipeline(beam_args)
-        pipeline.build_pipeline(p, config)
+        pipeline.build_pipeline(p, plan.config)
         plan.timings["build_pipeline_s"] = time.perf_counter() - start
-        LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model, config.layer,
-                 final)
+        LOG.info("Auditing %s with %s (layer %s) into %s", req.data, req.model,
+                 plan.config.layer, final)
         start = time.perf_counter()
         result = p.run()
         result.wait_until_finish()
@@ -519,10 +545,11 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         if not promoting:
             outputs.abandon(staging)
         raise
-    config.output = final
+    return result, p.options.get_all_options(drop_default=True)
 
-    counters = runinfo.beam_counters(result)
-    counts = _count_outputs(final, counters)
+
+def _judge(req: AuditRequest, plan: Plan, counts: dict):
+    """(TFMA summary, gates, the EvaluationError or None): the error-rate gate and TFMA's."""
     error_gate = {
         "gate": "max_error_rate",
         "passed": counts["error_rate"] <= req.max_error_rate,
@@ -539,20 +566,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str]) -> int:
         evaluation_error = exc
         tfma_summary, tfma_gates = {"error": str(exc)}, []
     plan.timings["read_tfma_s"] = time.perf_counter() - start
-    gates = [error_gate, *tfma_gates]
-    exit_code = EXIT_FAILED if evaluation_error else _exit_code(gates)
-    payload = _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code)
-    payload["run_id"] = run_id
-    # run.json last and atomically: its presence means every other output is complete.
-    outputs.write_json_atomic(layout.join(final, layout.RUN_JSON), payload)
-    outputs.finish(staging)
-    _log_summary(payload, final)
-    report_written = write_report_after_run(final)
-    if evaluation_error:
-        raise evaluation_error
-    if not report_written and exit_code == EXIT_OK:
-        return EXIT_REPORT
-    return exit_code
+    return tfma_summary, [error_gate, *tfma_gates], evaluation_error
 
 
 def write_report_after_run(output: str) -> bool:
@@ -573,14 +587,27 @@ def write_report_after_run(output: str) -> bool:
     return True
 
 
-def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit_code) -> dict:
-    config, info = plan.config, plan.model_info
-    options = p.options.get_all_options(drop_default=True)
+@dataclass
+class RunOutcome:
+    """How the run went, for run.json."""
+
+    started: str
+    pipeline_options: Dict[str, Any]  # the Beam options given (non-default)
+    counts: Dict[str, Any]
+    counters: Dict[str, Any]
+    tfma_summary: Dict[str, Any]
+    gates: List[dict]
+    exit_code: int
+
+
+def _run_json(req: AuditRequest, plan: Plan, outcome: RunOutcome) -> dict:
+    config, info, exit_code = plan.config, plan.model_info, outcome.exit_code
+    options = outcome.pipeline_options
     return {
         "tool": "xai-audit",
         "tool_version": runinfo.tool_version(),
         "command_line": runinfo.command_line(),
-        "started_at": started,
+        "started_at": outcome.started,
         "finished_at": runinfo.now_iso(),
         "status": "passed" if exit_code == EXIT_OK else "failed",
         "exit_code": exit_code,
@@ -614,13 +641,13 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "seed": req.seed,
         "options": {k: v for k, v in asdict(req).items() if k not in ("model", "data", "output")},
         "libraries": runinfo.library_versions(),
-        "counts": counts,
+        "counts": outcome.counts,
         "timings_s": plan.timings,
-        "beam_counters": counters,
-        "tfma": tfma_summary,
+        "beam_counters": outcome.counters,
+        "tfma": outcome.tfma_summary,
         "importance": _importance_summary(plan),
         "quality": _quality_summary(plan),
-        "gates": gates,
+        "gates": outcome.gates,
     }
 
 
