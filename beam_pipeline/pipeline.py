@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 
 from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
                layout, method_registry, model_io, quality, sources)
+from . import rows as rows_  # ``rows`` is a common local name in this module
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
@@ -253,12 +254,7 @@ class ExplainBatches(beam.DoFn):
         self.progress = ProgressLog(self.config.progress_every_s)
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
-        target = self.config.target
-        if target == "predicted":
-            return [explainers.PREDICTED] * len(batch)
-        if target == "label":
-            return [ex.label for ex in batch]
-        return [int(target)] * len(batch)
+        return rows_.explain_targets(self.config.target, [ex.label for ex in batch])
 
     def process(self, batch: List[DecodedExample], total: int = 0):
         start = time.perf_counter()
@@ -354,59 +350,17 @@ class ExplainBatches(beam.DoFn):
 
     def _method_columns(self, name: str, out: Dict[str, np.ndarray],
                         masks: List[Optional[np.ndarray]]) -> List[dict]:
-        """Per example, the columns of one method: its map (input-resolution maps pooled to
-        --map-size), shape, and agreement with the mask."""
-        maps, record = out["maps"], method_registry.get(name)
-        written = (attribution_methods.pool_map(maps, self.config.map_size)
-                   if record.resolution == "input" else maps)
-        columns = [{name: m.astype(np.float32).ravel().tolist(), f"{name}_shape": list(m.shape)}
-                   for m in written]
-        if record.resolution == "layer":
-            for col in columns:
-                col[f"{name}_layer"] = self.config.layer
-        for extra in record.extra_columns:
-            for col, value in zip(columns, out[extra.output]):
-                col[extra.column] = None if np.isnan(value) else float(value)
-        for key, column in (("deletion_auc", f"{name}_deletion_auc"),
-                            ("insertion_auc", f"{name}_insertion_auc")):
-            if self.config.faithfulness_sample:
-                for i, col in enumerate(columns):
-                    col[column] = out.get(key, {}).get(i)
-        if self.config.source.has_masks:
-            energies, hits, areas, ious = explainers.mask_metrics(maps, masks)
-            for i, col in enumerate(columns):
-                col.update({f"{name}_mask_energy": energies[i], f"{name}_pointing_hit": hits[i],
-                            f"{name}_iou": ious[i], "mask_area": areas[i]})
-        return columns
+        cfg = self.config
+        return rows_.method_columns(name, out, masks, layer=cfg.layer, map_size=cfg.map_size,
+                                    faithfulness=bool(cfg.faithfulness_sample),
+                                    has_masks=cfg.source.has_masks)
 
     def _rows(self, examples: List[DecodedExample], outs: Dict[str, Dict[str, np.ndarray]],
               reference: Optional[Dict[int, tuple]] = None):
-        first = next(iter(outs.values()))
         masks = [ex.mask for ex in examples]
         per_method = [self._method_columns(name, out, masks) for name, out in outs.items()]
-        rows = []
-        for i, ex in enumerate(examples):
-            probs = first["probabilities"][i]
-            if not np.all(np.isfinite(probs)) or not all(
-                    np.all(np.isfinite(out["maps"][i])) for out in outs.values()):
-                rows.append(error_row(ex.example_id, ex.source, "predict", "non_finite_output",
-                                      "The model produced NaN or infinite values for this image."))
-                continue
-            row = {
-                "example_id": ex.example_id,
-                "label": ex.label,
-                "predicted_class": int(np.argmax(probs)),
-                "probabilities": probs.astype(np.float32).tolist(),
-                "target_class": int(first["target_class"][i]),
-            }
-            for columns in per_method:
-                row.update(columns[i])
-            if self.config.faithfulness_sample:
-                row["random_deletion_auc"], row["random_insertion_auc"] = (
-                    (reference or {}).get(i, (None, None)))
-            row.update(ex.slices)
-            rows.append(row)
-        return rows
+        return rows_.attribution_rows(examples, outs, per_method,
+                                      bool(self.config.faithfulness_sample), reference)
 
 
 def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifier):
