@@ -419,11 +419,6 @@ def _evaluation_results(req: AuditRequest, plan: Plan) -> Tuple[dict, List[dict]
     return summary, gates
 
 
-def _read_table(path: str) -> List[dict]:
-    with FileSystems.open(path) as handle:
-        return pq.read_table(io.BytesIO(handle.read())).to_pylist()
-
-
 def _quality_summary(plan: Plan) -> dict:
     """Sanity-check verdicts per method and where the layer sweep's attention lands best."""
     cfg = plan.config
@@ -434,13 +429,13 @@ def _quality_summary(plan: Plan) -> dict:
                                      f"{cfg.methods[0]}_deletion_auc")
         summary["faithfulness_examples"] = len(column) - column.null_count
     if cfg.sanity_sample:
-        rows = _read_table(layout.join(cfg.output, layout.SANITY))
+        rows = runinfo.read_rows(layout.join(cfg.output, layout.SANITY))
         summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"],
                                  "judged_step": r["step"], "examples": r["examples"],
                                  "sampled": r.get("sampled")}
                              for m, r in quality.sanity_final_rows(rows).items()}
     if cfg.sweep:
-        rows = _read_table(layout.join(cfg.output, layout.LAYER_SWEEP))
+        rows = runinfo.read_rows(layout.join(cfg.output, layout.LAYER_SWEEP))
         summary["layer_sweep"] = {"layers": len(cfg.sweep_layer_names),
                                   "best_layer_by_energy_lift": quality.best_sweep_layer(rows)}
     return summary
@@ -451,9 +446,7 @@ def _importance_summary(plan: Plan) -> dict:
     if not cfg.permutation_features:
         return {"skipped_because": plan.importance_skipped_because}
     path = layout.join(cfg.output, layout.IMPORTANCE_SUMMARY)
-    with FileSystems.open(path) as handle:
-        table = pq.read_table(io.BytesIO(handle.read()))
-    rows = sorted(table.to_pylist(), key=lambda r: (r["metric"], -(r["importance"] or 0.0)))
+    rows = sorted(runinfo.read_rows(path), key=lambda r: (r["metric"], -(r["importance"] or 0.0)))
     return {
         "summary": path,
         "features": [f.name for f in cfg.permutation_features],

@@ -41,12 +41,7 @@ def exists(path: str) -> bool:
         return False
 
 
-def _read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
-    """All rows of one small Parquet output (None when the file is absent)."""
-    if not exists(path):
-        return None
-    with FileSystems.open(path) as handle:
-        return pq.ParquetFile(handle).read(columns=columns).to_pylist()
+_read_rows = runinfo.read_rows  # one reader of the single-file tables
 
 
 def as_number(value) -> Optional[float]:
