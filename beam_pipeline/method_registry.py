@@ -22,7 +22,7 @@ options, ``MethodOption``s to ``OPTIONS``. ``tests/test_method_contract.py`` che
 """
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .errors import OptionError
 
