@@ -1,10 +1,14 @@
 """xai-audit: a dataset-scale explainability and evaluation audit for Keras image classifiers.
 
-The package is laid out along the one way data flows through the job:
-``sources`` (what examples exist) → ``decode`` (bytes to model-ready arrays) → ``explainers``
-(batched predictions and attribution maps, pure TensorFlow) → ``pipeline`` (the thin Beam layer
-and the Parquet writers) → ``runinfo`` (run.json). ``cli`` is the command line, ``demo`` the
-synthetic dataset and model.
+Data flows one way (README.md, "Development", has the diagram):
+``sources`` (which examples exist) → ``decode`` (bytes to model-ready arrays) → explain
+(``explainers``, ``attribution_methods``, ``layer_sweep``; every method is one record of
+``method_registry``) → rows (``rows``, plain functions; ``pipeline``, the Beam layer; ``schemas``) → Parquet, TFMA
+(``evaluation``), ``importance`` and ``quality`` → run.json (``job``, ``outputs``, ``runinfo``)
+→ the report (``report``, ``report_summary``, ``results``, ``report_text``, ``report_plots``,
+``report_gallery``; none of them imports TensorFlow). ``layout`` names every output under DIR,
+``errors`` holds every exception type, ``cli`` is the command line, ``demo``/``demo_job`` the
+synthetic dataset, model and story.
 """
 
 __version__ = "0.1.0"

@@ -30,15 +30,14 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from . import model_io
+from . import method_registry, model_io
 from .errors import OptionError
 from .explainers import Attribution, Classifier, LayerCapture
 
 DEFAULT_MAP_SIZE = 56
-BASELINES = ("black", "uniform", "blur")
+BASELINES = method_registry.OPTIONS["ig_baseline"].choices
 # Methods that need nothing of the architecture but differentiability (for CAM's refusal).
-ANY_MODEL_METHODS = ("gradcam", "gradcam_plus_plus", "saliency", "smoothgrad",
-                     "integrated_gradients")
+ANY_MODEL_METHODS = tuple(m.name for m in method_registry.METHODS.values() if m.any_model)
 
 # Layers that are the identity at inference, allowed between the pooling and the Dense for CAM.
 _INFERENCE_IDENTITIES = (
@@ -232,8 +231,10 @@ class SmoothGrad(Attribution):
 
     name = "smoothgrad"
 
-    def __init__(self, classifier: Classifier, input_shape: Sequence[int], samples: int = 16,
-                 sigma: float = 0.15, seed: int = 0, samples_per_pass: int = 16):
+    def __init__(self, classifier: Classifier, input_shape: Sequence[int],
+                 samples: int = method_registry.default("smoothgrad_samples"),
+                 sigma: float = method_registry.default("smoothgrad_sigma"), seed: int = 0,
+                 samples_per_pass: int = 16):
         self.samples = _positive_int(samples, "SmoothGrad samples")
         self.samples_per_pass = _positive_int(samples_per_pass, "SmoothGrad samples per pass")
         if not sigma >= 0:
@@ -281,8 +282,10 @@ class IntegratedGradients(Attribution):
 
     name = "integrated_gradients"
 
-    def __init__(self, classifier: Classifier, input_shape: Sequence[int], steps: int = 64,
-                 baseline: str = "black", seed: int = 0, blur_sigma: float = 0.1,
+    def __init__(self, classifier: Classifier, input_shape: Sequence[int],
+                 steps: int = method_registry.default("ig_steps"),
+                 baseline: str = method_registry.default("ig_baseline"), seed: int = 0,
+                 blur_sigma: float = 0.1,
                  signed: bool = False, steps_per_pass: int = 16):
         if baseline not in BASELINES:
             raise OptionError(f"Integrated Gradients baseline {baseline!r} is not one of "
@@ -380,32 +383,20 @@ def pool_map(maps: np.ndarray, size: int = DEFAULT_MAP_SIZE) -> np.ndarray:
     return pooled.numpy()[..., 0].astype(np.float32)
 
 
-INPUT_RESOLUTION_METHODS = ("saliency", "smoothgrad", "integrated_gradients")
-LAYER_METHODS = ("gradcam", "gradcam_plus_plus")  # explain the --layer feature map
-ALL_METHODS = ("gradcam", "gradcam_plus_plus", "cam", "saliency", "smoothgrad",
-               "integrated_gradients")
+# Views of the registry, for the code that asks "which methods are ...".
+INPUT_RESOLUTION_METHODS = method_registry.names_with("input")
+LAYER_METHODS = method_registry.names_with("layer")  # explain the --layer feature map
+ALL_METHODS = method_registry.NAMES
 
 
 def make_method(name: str, classifier: Classifier, input_shape: Sequence[int], gradcam_layer,
                 options: dict) -> Attribution:
-    """The explainer ``--methods`` names, configured from the run's ``options``
-    (gradcam_activation, smoothgrad_samples, smoothgrad_sigma, ig_steps, ig_baseline, seed)."""
-    from .explainers import GradCAM, GradCAMPlusPlus
-
-    if name in LAYER_METHODS:
+    """The explainer ``--methods`` names, configured from the run's ``options`` (keys of
+    ``method_registry.OPTIONS`` and ``seed``; missing ones take their defaults).
+    ``gradcam_layer`` is (qualified name, layer) for the methods at the ``--layer`` map."""
+    record = method_registry.get(name)
+    kwargs = method_registry.constructor_args(name, options)
+    if record.resolution == "layer":
         layer_name, layer = gradcam_layer
-        kind = GradCAM if name == "gradcam" else GradCAMPlusPlus
-        return kind(classifier, layer, layer_name, input_shape,
-                    activation=options.get("gradcam_activation", "relu"))
-    if name == "cam":
-        return CAM(classifier, input_shape)
-    if name == "saliency":
-        return Saliency(classifier, input_shape)
-    if name == "smoothgrad":
-        return SmoothGrad(classifier, input_shape, samples=options.get("smoothgrad_samples", 16),
-                          sigma=options.get("smoothgrad_sigma", 0.15), seed=options.get("seed", 0))
-    if name == "integrated_gradients":
-        return IntegratedGradients(classifier, input_shape, steps=options.get("ig_steps", 64),
-                                   baseline=options.get("ig_baseline", "black"),
-                                   seed=options.get("seed", 0))
-    raise OptionError(f"--methods {name}: not one of {', '.join(ALL_METHODS)}.")
+        return record.load()(classifier, layer, layer_name, input_shape, **kwargs)
+    return record.load()(classifier, input_shape, **kwargs)

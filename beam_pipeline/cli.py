@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
-from . import __version__  # noqa: E402
+from . import __version__, method_registry  # noqa: E402
 from .errors import AuditError  # noqa: E402
 from .importance import DEFAULT_SAMPLE as DEFAULT_IMPORTANCE_SAMPLE  # noqa: E402
 
@@ -40,8 +40,7 @@ def _method_list(text: str) -> List[str]:
     (exit 2) with the closest name."""
     import difflib
 
-    from .attribution_methods import ALL_METHODS
-
+    ALL_METHODS = list(method_registry.NAMES)
     methods = _comma_list(text)
     for method in methods:
         if method not in ALL_METHODS:
@@ -89,6 +88,18 @@ def _float_in(low: float, high: float = math.inf, low_open: bool = False):
     return parse
 
 
+def _option_type(option):
+    """A method option's argparse type: an out-of-range number is a usage error (exit 2) here;
+    the same bounds (MethodOption.check) guard callers that build an AuditRequest directly."""
+    if option.type is int and option.minimum is not None:
+        return _int_at_least(int(option.minimum))
+    if option.type is float:
+        exclusive = option.exclusive_minimum is not None
+        low = option.exclusive_minimum if exclusive else option.minimum
+        return _float_in(-math.inf if low is None else low, low_open=exclusive)
+    return option.type
+
+
 def _add_beam_help(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
 
@@ -129,18 +140,12 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
                      help="pixel scaling the model expects [unit: /255]")
     run.add_argument("--methods", type=_method_list, default=["gradcam"],
-                     help="comma list of gradcam, gradcam_plus_plus, cam, saliency, smoothgrad, "
-                          "integrated_gradients [gradcam]")
+                     help=f"comma list of {', '.join(method_registry.NAMES)} [gradcam]")
     run.add_argument("--map-size", type=_int_at_least(1), default=56,
                      help="input-resolution maps are average-pooled to at most this size [56]")
-    run.add_argument("--gradcam-activation", choices=("relu", "abs"), default="relu",
-                     help="Grad-CAM's final activation: relu, or abs for magnitude [relu]")
-    run.add_argument("--smoothgrad-samples", type=_int_at_least(1), default=16, help="SmoothGrad copies [16]")
-    run.add_argument("--smoothgrad-sigma", type=_float_in(0.0, low_open=True), default=0.15,
-                     help="SmoothGrad noise, as a fraction of the image's range [0.15]")
-    run.add_argument("--ig-steps", type=_int_at_least(1), default=64, help="Integrated Gradients steps [64]")
-    run.add_argument("--ig-baseline", choices=("black", "blur", "uniform"), default="black",
-                     help="Integrated Gradients baseline [black]")
+    for option in method_registry.OPTIONS.values():  # --gradcam-activation, --ig-steps, ...
+        run.add_argument(option.flag, type=_option_type(option), default=option.default,
+                         choices=option.choices or None, help=f"{option.help} [{option.default}]")
     run.add_argument("--layer", default="auto",
                      help="auto (last 4-D layer, nested models searched), a layer name, a comma "
                           "list, or all (Grad-CAM sweep over every 4-D layer) [auto]")
@@ -317,9 +322,8 @@ def _request_from_args(args) -> "AuditRequest":
         confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
         min_slice_size=args.min_slice_size, baseline_gates=args.baseline_gates == "on",
         permutation_features=args.permutation_features, map_size=args.map_size,
-        gradcam_activation=args.gradcam_activation, smoothgrad_samples=args.smoothgrad_samples,
-        smoothgrad_sigma=args.smoothgrad_sigma, ig_steps=args.ig_steps,
-        ig_baseline=args.ig_baseline, faithfulness_sample=args.faithfulness_sample,
+        **{key: getattr(args, key) for key in method_registry.OPTIONS},
+        faithfulness_sample=args.faithfulness_sample,
         sanity_sample=args.sanity_sample,
         permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
         importance_sample=args.importance_sample,

@@ -32,6 +32,16 @@ class UsageError(AuditError):
     metric the TFMA config does not compute): exit 2, like argparse's own usage errors."""
 
     exit_code = 2
+class OutputExistsError(AuditError):
+    """The output folder already holds a run, and --overwrite was not given."""
+
+
+class EvaluationError(AuditError):
+    """TFMA ran but produced nothing usable (e.g. no metrics at all)."""
+
+
+class ReportError(AuditError):
+    """The report cannot be made from DIR (e.g. there is no run.json)."""
 
 
 class ExampleError(Exception):

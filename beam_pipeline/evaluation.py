@@ -19,7 +19,7 @@ import pyarrow as pa
 from google.protobuf import text_format
 
 from . import metric_rules
-from .errors import AuditError, OptionError, UsageError
+from .errors import EvaluationError, OptionError, UsageError
 from .limits import MAX_PER_CLASS_METRICS
 
 LABEL, SCORE, PROBABILITIES = "label", "score", "probabilities"
@@ -32,10 +32,6 @@ ATTENTION_EDGES = (1.0, 1.5)
 # The feature keys the job gives TFMA (tfma_features): a data column of one of these names would
 # silently replace the model's score or a derived slice.
 TFMA_FEATURE_KEYS = (LABEL, SCORE, PROBABILITIES, *DERIVED_SLICES)
-
-
-class EvaluationError(AuditError):
-    """TFMA ran but produced nothing usable (e.g. no metrics at all)."""
 
 
 def check_slice_columns(slice_columns: Iterable[str]) -> None:

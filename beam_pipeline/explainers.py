@@ -165,6 +165,25 @@ class Attribution:
 
 
 
+def gradcam_activation(name: str):
+    """The final activation of Grad-CAM's map: relu (positive evidence) or abs (magnitude)."""
+    if name not in ("relu", "abs"):
+        raise ValueError(f"Grad-CAM activation {name!r} is not relu or abs")
+    return tf.nn.relu if name == "relu" else tf.abs
+
+
+def gradcam_maps(activations: tf.Tensor, gradients: tf.Tensor, channel_weights,
+                 activation) -> tf.Tensor:
+    """activation(Σ_k w_k A^k), w = channel_weights(A, ∂y/∂A): [B, h, w] from [B, h, w, K].
+
+    The one Grad-CAM formula: ``GradCAM`` at one layer and ``layer_sweep.GradCAMSweep`` at many
+    both call it."""
+    activations = tf.cast(activations, tf.float32)
+    gradients = tf.cast(gradients, tf.float32)
+    weights = channel_weights(activations, gradients)
+    return activation(tf.einsum("bhwk,bk->bhw", activations, weights))
+
+
 class GradCAM(Attribution):
     """Grad-CAM: ReLU(Σ_k α_k A^k) with α_k the spatial mean of ∂y/∂A^k (y: the target logit).
 
@@ -176,11 +195,9 @@ class GradCAM(Attribution):
     name = "gradcam"
 
     def __init__(self, classifier: Classifier, layer, layer_name: str, input_shape: Sequence[int],
-                 activation: str = "relu"):
-        if activation not in ("relu", "abs"):
-            raise ValueError(f"Grad-CAM activation {activation!r} is not relu or abs")
+                 activation: str = "relu"):  # method_registry's gradcam_activation default
         self.layer_name = layer_name
-        self.activation = tf.nn.relu if activation == "relu" else tf.abs
+        self.activation = gradcam_activation(activation)
         self.capture = LayerCapture(layer)
         super().__init__(classifier, input_shape)
 
@@ -200,8 +217,7 @@ class GradCAM(Attribution):
             scores = tf.reduce_sum(self.classifier.target_scores(logits, targets))
         activations = tf.cast(activations, tf.float32)
         gradients = tf.cast(tape.gradient(scores, activations), tf.float32)
-        weights = self.channel_weights(activations, gradients)
-        maps = self.activation(tf.einsum("bhwk,bk->bhw", activations, weights))
+        maps = gradcam_maps(activations, gradients, self.channel_weights, self.activation)
         return {"probabilities": probabilities, "target_class": targets, "maps": maps}
 
 
@@ -261,8 +277,3 @@ def mask_metrics(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
 def mask_agreement(maps: np.ndarray, masks: List[Optional[np.ndarray]]):
     """(energies, hits, areas) of ``mask_metrics``."""
     return mask_metrics(maps, masks)[:3]
-
-
-def mask_iou(maps: np.ndarray, masks: List[Optional[np.ndarray]]) -> List[Optional[float]]:
-    """The ``iou`` of ``mask_metrics``."""
-    return mask_metrics(maps, masks)[3]

@@ -309,19 +309,6 @@ def _t_975(dof: int) -> float:
     return float(stats.t.ppf(0.975, dof))
 
 
-def summarize(feature: str, metric: str, rows: Iterable[dict]) -> dict:
-    """Combine a feature's raw rows (all shards, all repeats) into its global figures.
-
-    For each repeat the shards' partials are summed and the metric computed once, globally; the
-    importance is then the mean over repeats, with the standard deviation over repeats and a 95%
-    t-interval of the mean.
-    """
-    per_repeat: Dict[int, Tuple[dict, dict]] = {}
-    for row in rows:
-        add_row(per_repeat, row)
-    return summary_of(feature, metric, per_repeat)
-
-
 def add_row(per_repeat: Dict[int, Tuple[dict, dict]], row: dict) -> Dict[int, Tuple[dict, dict]]:
     """Add one raw row's partials into ``per_repeat`` ({repeat: (baseline, permuted) sums})."""
     if row["repeat"] in per_repeat:

@@ -22,8 +22,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from . import (attribution_methods, baseline, cost, decode, evaluation, importance, layer_sweep,
-               limits,
-               metric_rules, model_io, outputs, pipeline, quality, runinfo, sources)
+               limits, method_registry, metric_rules, model_io, outputs, pipeline, quality,
+               runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
 
@@ -62,11 +62,11 @@ class AuditRequest:
     max_image_bytes: int = sources.DEFAULT_MAX_IMAGE_BYTES
     read_timeout: float = sources.DEFAULT_READ_TIMEOUT_S
     map_size: int = 56
-    gradcam_activation: str = "relu"
-    smoothgrad_samples: int = 16
-    smoothgrad_sigma: float = 0.15
-    ig_steps: int = 64
-    ig_baseline: str = "black"
+    gradcam_activation: str = method_registry.default("gradcam_activation")
+    smoothgrad_samples: int = method_registry.default("smoothgrad_samples")
+    smoothgrad_sigma: float = method_registry.default("smoothgrad_sigma")
+    ig_steps: int = method_registry.default("ig_steps")
+    ig_baseline: str = method_registry.default("ig_baseline")
     faithfulness_sample: int = 256
     sanity_sample: int = 32
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
@@ -104,6 +104,7 @@ def _check_options(req: AuditRequest) -> None:
         )
     if len(set(req.methods)) != len(req.methods):
         raise OptionError("--methods names a method twice.")
+    method_registry.check_options(req.methods, _method_options(req))
     if req.map_size < 1:
         raise OptionError("--map-size must be at least 1.")
     if (req.layer == "all" or "," in req.layer) and "gradcam" not in req.methods:
@@ -127,6 +128,11 @@ def _check_options(req: AuditRequest) -> None:
         raise OptionError(
             f"--class-names names {', '.join(repeated)} more than once; give each class index "
             "its own name, in the model's index order.")
+
+
+def _method_options(req: AuditRequest) -> Dict[str, Any]:
+    """The options the explainers are built with (run.json's options keep the request's)."""
+    return {**{key: getattr(req, key) for key in method_registry.OPTIONS}, "seed": req.seed}
 
 
 def _class_names(req: AuditRequest, spec: sources.SourceSpec, num_classes: int) -> List[str]:
@@ -234,14 +240,7 @@ def plan_audit(req: AuditRequest) -> Plan:
         batch_size=req.batch_size,
         unsafe_deserialization=req.unsafe_deserialization,
         methods=list(req.methods),
-        method_options={
-            "gradcam_activation": req.gradcam_activation,
-            "smoothgrad_samples": req.smoothgrad_samples,
-            "smoothgrad_sigma": req.smoothgrad_sigma,
-            "ig_steps": req.ig_steps,
-            "ig_baseline": req.ig_baseline,
-            "seed": req.seed,
-        },
+        method_options=_method_options(req),
         map_size=req.map_size,
         sweep=bool(sweep_names),
         sweep_layer_names=sweep_names,

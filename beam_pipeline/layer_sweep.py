@@ -6,8 +6,8 @@ one backward pass per batch, and how well each layer's maps agree with ground-tr
   once (shared) are skipped: their captured output would be only one of their calls.
 * ``GradCAMSweep(classifier, layers, input_shape)``: hooks every layer (``LayerSetCapture``, the
   multi-layer ``explainers.LayerCapture``), runs the model once under one tape and takes one
-  ``tape.gradient(score, [A_1..A_L])``; each layer's map is ReLU(Σ_k mean_hw(∂y/∂A^k) A^k), the
-  same as ``explainers.GradCAM`` at that layer. One compiled function for every batch size;
+  ``tape.gradient(score, [A_1..A_L])``; each layer's map is ``explainers.gradcam_maps`` (ReLU, or
+  abs with ``activation="abs"``), the same as ``explainers.GradCAM`` at that layer. One compiled function for every batch size;
   ``sweep(images, targets)`` → ``{"probabilities", "target_class", "maps": {name: [B, h, w]}}``.
 * ``localization_by_layer(maps_by_layer, masks)``: per layer, additive sums and counts of mask
   energy and pointing-game hits (``explainers.mask_agreement``), so a Beam ``CombineFn`` can add
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import model_io
-from .explainers import Classifier, mask_agreement
+from .explainers import Classifier, GradCAM, gradcam_activation, gradcam_maps, mask_agreement
 
 # --------------------------------------------------------------------------- which layers
 
@@ -119,7 +119,7 @@ class GradCAMSweep:
     name = "gradcam_sweep"
 
     def __init__(self, classifier: Classifier, layers: Sequence[Tuple[str, object]],
-                 input_shape: Sequence[int]):
+                 input_shape: Sequence[int], activation: str = "relu"):
         layers = list(layers)
         if not layers:
             raise ValueError("GradCAMSweep needs at least one layer (sweep_layers found none with "
@@ -129,6 +129,7 @@ class GradCAMSweep:
         if duplicates:
             raise ValueError(f"GradCAMSweep got layer names more than once: {duplicates}.")
         self.classifier = classifier
+        self.activation = gradcam_activation(activation)  # --gradcam-activation
         self.layer_names = names
         self.input_shape = tuple(input_shape)
         self.capture = LayerSetCapture([layer for _, layer in layers])
@@ -140,9 +141,8 @@ class GradCAMSweep:
             ],
         )
 
-    def channel_weights(self, activations: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-        """[B, h, w, K] activations and gradients → [B, K] channel weights (as GradCAM)."""
-        return tf.reduce_mean(gradients, axis=(1, 2))
+    # Grad-CAM's own weights: the sweep is Grad-CAM at many layers, not a second version of it.
+    channel_weights = GradCAM.channel_weights
 
     def _explain(self, images: tf.Tensor, targets: tf.Tensor):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -163,12 +163,8 @@ class GradCAMSweep:
         # gradients, hence an all-zero map.
         gradients = tape.gradient(scores, activations,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        maps = {}
-        for name, activation, gradient in zip(self.layer_names, activations, gradients):
-            activation = tf.cast(activation, tf.float32)
-            gradient = tf.cast(gradient, tf.float32)
-            weights = self.channel_weights(activation, gradient)
-            maps[name] = tf.nn.relu(tf.einsum("bhwk,bk->bhw", activation, weights))
+        maps = {name: gradcam_maps(activation, gradient, self.channel_weights, self.activation)
+                for name, activation, gradient in zip(self.layer_names, activations, gradients)}
         return {"probabilities": probabilities, "target_class": targets, "maps": maps}
 
     def __call__(self, images: np.ndarray, targets: np.ndarray) -> Dict[str, object]:

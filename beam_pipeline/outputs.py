@@ -40,16 +40,12 @@ from typing import Dict, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
-from .errors import AuditError
+from . import layout
+from .errors import AuditError, OutputExistsError
 
 LOG = logging.getLogger("xai_audit")
 
-RUN_JSON = "run.json"
-# Every name the audit writes at the top of DIR (DESIGN.md "Output folder").
-OUTPUT_NAMES = (
-    RUN_JSON, "attributions", "errors", "importance", "importance_summary.parquet", "tfma",
-    "layer_sweep.parquet", "layer_sweep_maps.parquet", "sanity.parquet", "report",
-)
+RUN_JSON, OUTPUT_NAMES = layout.RUN_JSON, layout.OUTPUT_NAMES  # the names live in ``layout``
 # The files a run writes under each folder of OUTPUT_NAMES (patterns relative to DIR, no deeper
 # than written): only these are a run's, so only these are removed. Top-level names are files.
 OWNED_FILES: Dict[str, Tuple[str, ...]] = {
@@ -66,10 +62,6 @@ STAGING_PREFIX = ".incomplete-"
 # Written first into the staging folder and removed last, so the folder is recognisable as an
 # unfinished run even on object stores, where an empty "folder" does not exist.
 MARKER = "_RUN_IN_PROGRESS"
-
-
-class OutputExistsError(AuditError):
-    """The output folder already holds a run, and --overwrite was not given."""
 
 
 class OutputLockedError(AuditError):
@@ -99,8 +91,7 @@ def new_run_id() -> str:
     return f"{stamp}-{uuid.uuid4().hex[:8]}"
 
 
-def join(output: str, *parts: str) -> str:
-    return FileSystems.join(output.rstrip("/"), *parts)
+join = layout.join
 
 
 def staging_path(output: str, run_id: str) -> str:

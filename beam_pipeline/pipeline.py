@@ -19,7 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from . import (attribution_methods, cost, decode, evaluation, explainers, importance, layer_sweep,
-               model_io, progress, quality, sources)
+               layout, method_registry, model_io, progress, quality, sources)
+from . import rows as rows_  # ``rows`` is a common local name in this module
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
 from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
@@ -212,8 +213,9 @@ def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
         if cfg.sweep and "gradcam" in cfg.methods:
             swept = [(n, l) for n, l in layer_sweep.sweep_layers(model)
                      if n in cfg.sweep_layer_names]
+            activation = method_registry.constructor_args("gradcam", cfg.method_options)
             methods = {"gradcam": SweepAsGradCAM(layer_sweep.GradCAMSweep(
-                classifier, swept, _input_shape(cfg)), cfg.layer), **methods}
+                classifier, swept, _input_shape(cfg), **activation), cfg.layer), **methods}
         return methods
 
     key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.layer, cfg.sweep,
@@ -265,12 +267,7 @@ class ExplainBatches(beam.DoFn):
         self.predictor = shared_predictor(self.config) if self.config.faithfulness_sample else None
 
     def _targets(self, batch: Sequence[DecodedExample]) -> List[Optional[int]]:
-        target = self.config.target
-        if target == "predicted":
-            return [explainers.PREDICTED] * len(batch)
-        if target == "label":
-            return [ex.label for ex in batch]
-        return [int(target)] * len(batch)
+        return rows_.explain_targets(self.config.target, [ex.label for ex in batch])
 
     def _progress(self, total: int) -> None:
         """The explain (and faithfulness) counters: the total is known at planning for folders
@@ -396,59 +393,17 @@ class ExplainBatches(beam.DoFn):
 
     def _method_columns(self, name: str, out: Dict[str, np.ndarray],
                         masks: List[Optional[np.ndarray]]) -> List[dict]:
-        """Per example, the columns of one method: its map (input-resolution maps pooled to
-        --map-size), shape, and agreement with the mask."""
-        maps = out["maps"]
-        written = (attribution_methods.pool_map(maps, self.config.map_size)
-                   if name in attribution_methods.INPUT_RESOLUTION_METHODS else maps)
-        columns = [{name: m.astype(np.float32).ravel().tolist(), f"{name}_shape": list(m.shape)}
-                   for m in written]
-        if name in attribution_methods.LAYER_METHODS:
-            for col in columns:
-                col[f"{name}_layer"] = self.config.layer
-        if "completeness_gap" in out:
-            for col, gap in zip(columns, out["completeness_gap"]):
-                col["ig_completeness_gap"] = None if np.isnan(gap) else float(gap)
-        for key, column in (("deletion_auc", f"{name}_deletion_auc"),
-                            ("insertion_auc", f"{name}_insertion_auc")):
-            if self.config.faithfulness_sample:
-                for i, col in enumerate(columns):
-                    col[column] = out.get(key, {}).get(i)
-        if self.config.source.has_masks:
-            energies, hits, areas, ious = explainers.mask_metrics(maps, masks)
-            for i, col in enumerate(columns):
-                col.update({f"{name}_mask_energy": energies[i], f"{name}_pointing_hit": hits[i],
-                            f"{name}_iou": ious[i], "mask_area": areas[i]})
-        return columns
+        cfg = self.config
+        return rows_.method_columns(name, out, masks, layer=cfg.layer, map_size=cfg.map_size,
+                                    faithfulness=bool(cfg.faithfulness_sample),
+                                    has_masks=cfg.source.has_masks)
 
     def _rows(self, examples: List[DecodedExample], outs: Dict[str, Dict[str, np.ndarray]],
               reference: Optional[Dict[int, tuple]] = None):
-        first = next(iter(outs.values()))
         masks = [ex.mask for ex in examples]
         per_method = [self._method_columns(name, out, masks) for name, out in outs.items()]
-        rows = []
-        for i, ex in enumerate(examples):
-            probs = first["probabilities"][i]
-            if not np.all(np.isfinite(probs)) or not all(
-                    np.all(np.isfinite(out["maps"][i])) for out in outs.values()):
-                rows.append(error_row(ex.example_id, ex.source, "predict", "non_finite_output",
-                                      "The model produced NaN or infinite values for this image."))
-                continue
-            row = {
-                "example_id": ex.example_id,
-                "label": ex.label,
-                "predicted_class": int(np.argmax(probs)),
-                "probabilities": probs.astype(np.float32).tolist(),
-                "target_class": int(first["target_class"][i]),
-            }
-            for columns in per_method:
-                row.update(columns[i])
-            if self.config.faithfulness_sample:
-                row["random_deletion_auc"], row["random_insertion_auc"] = (
-                    (reference or {}).get(i, (None, None)))
-            row.update(ex.slices)
-            rows.append(row)
-        return rows
+        return rows_.attribution_rows(examples, outs, per_method,
+                                      bool(self.config.faithfulness_sample), reference)
 
 
 def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifier):
@@ -592,7 +547,7 @@ class PermutationImportance(beam.PTransform):
             raw
             | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
             | "WriteImportance" >> beam.io.WriteToParquet(
-                output_path(cfg.output, "importance", "part"), IMPORTANCE_SCHEMA,
+                layout.writer_prefix(cfg.output, layout.IMPORTANCE), IMPORTANCE_SCHEMA,
                 file_name_suffix=".parquet",
                 # The AUC rows carry 4 x 1000-bucket histograms per class: buffer fewer of them
                 # as Python rows (Beam's default is 1000 rows, then 64 MB of Arrow).
@@ -608,7 +563,7 @@ class PermutationImportance(beam.PTransform):
                 importance.summary_of(feature, metric, per_repeat)
                 for metric in importance.METRICS])
             | "WriteSummary" >> beam.io.WriteToParquet(
-                output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
+                layout.writer_prefix(cfg.output, layout.IMPORTANCE_SUMMARY), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
 
@@ -691,7 +646,7 @@ class LayerSweepTable(beam.PTransform):
             | "SumCounters" >> beam.CombinePerKey(_add_counters)
             | "ToRows" >> beam.MapTuple(to_row)
             | "WriteSweep" >> beam.io.WriteToParquet(
-                output_path(self.config.output, "layer_sweep"), SWEEP_SCHEMA,
+                layout.writer_prefix(self.config.output, layout.LAYER_SWEEP), SWEEP_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
 
@@ -708,8 +663,7 @@ def _finite(value):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def output_path(output: str, *parts: str) -> str:
-    return FileSystems.join(output.rstrip("/"), *parts)
+output_path = layout.join  # kept for callers; paths live in ``layout``
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
@@ -763,7 +717,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
     if config.sweep:
         _ = explained[SWEEP] | "LayerSweep" >> LayerSweepTable(config)
         _ = explained[SWEEP_MAPS] | "WriteSweepMaps" >> beam.io.WriteToParquet(
-            output_path(config.output, "layer_sweep_maps"), SWEEP_MAPS_SCHEMA,
+            layout.writer_prefix(config.output, layout.LAYER_SWEEP_MAPS), SWEEP_MAPS_SCHEMA,
             file_name_suffix=".parquet", num_shards=1, shard_name_template="")
     if config.sanity_sample:
         _ = (
@@ -774,7 +728,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
             | "SanityBatch" >> beam.combiners.ToList()
             | "Sanity" >> beam.ParDo(SanityCheck(config))
             | "WriteSanity" >> beam.io.WriteToParquet(
-                output_path(config.output, "sanity"), SANITY_SCHEMA,
+                layout.writer_prefix(config.output, layout.SANITY), SANITY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
         )
     schema = attribution_schema(spec.column_types, spec.has_masks, config.methods,
@@ -783,16 +737,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
         _ = unique.refs | "Importance" >> PermutationImportance(config, count)
     if config.eval_config is not None:
         _ = explained.rows | "Evaluate" >> evaluation.EvaluateWithTFMA(
-            config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),
+            config.eval_config, layout.join(config.output, layout.TFMA), list(spec.slice_types),
             config.methods[0] if spec.has_masks else None,
         )
     _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
-        output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"
+        layout.writer_prefix(config.output, layout.ATTRIBUTIONS), schema, file_name_suffix=".parquet"
     )
     _ = (
         (enumerated[ERRORS], unique[ERRORS], decoded[ERRORS], explained[ERRORS])
         | "AllErrors" >> beam.Flatten()
         | "WriteErrors" >> beam.io.WriteToParquet(
-            output_path(config.output, "errors", "part"), ERROR_SCHEMA, file_name_suffix=".parquet"
+            layout.writer_prefix(config.output, layout.ERRORS), ERROR_SCHEMA, file_name_suffix=".parquet"
         )
     )

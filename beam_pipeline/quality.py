@@ -30,11 +30,11 @@ from . import model_io
 from .attribution_methods import _blur, _gaussian_kernel
 from .errors import OptionError
 from .explainers import PREDICTED, Classifier
+# Reading the results back (no TensorFlow, for the report) lives in ``results``; re-exported.
+from .results import (SANITY_THRESHOLD, best_sweep_layer, sanity_final_rows,  # noqa: F401
+                      sweep_lift)
 
 FAITHFULNESS_BASELINES = ("blur", "black")
-# A method is flagged when its maps still correlate above this with the original ones once
-# every layer is randomized (the last step of the curve; earlier steps may stay higher).
-SANITY_THRESHOLD = 0.5
 _TIE_BREAK_SEED = 0  # fixed: the order of equal-attribution pixels is part of the measure
 
 # --------------------------------------------------------------------------- faithfulness
@@ -410,28 +410,3 @@ def _id_bytes(example_id) -> bytes:
     if isinstance(example_id, bytes):
         return example_id
     return str(example_id).encode("utf-8")
-
-
-# --------------------------------------------------------------------------- reading the results
-
-
-def sanity_final_rows(rows: Iterable[dict]) -> Dict[str, dict]:
-    """Per method, its ``sanity.parquet`` row at the last (fully randomized) step."""
-    final: Dict[str, dict] = {}
-    for row in rows:
-        if row["step"] >= final.get(row["method"], {}).get("step", -1):
-            final[row["method"]] = row
-    return final
-
-
-def sweep_lift(row: dict) -> Optional[float]:
-    """A ``layer_sweep.parquet`` row's mask energy over mask area (1 = no preference)."""
-    energy, area = row.get("energy"), row.get("area")
-    return energy / area if energy is not None and area else None
-
-
-def best_sweep_layer(rows: Iterable[dict]) -> Optional[str]:
-    """The layer whose Grad-CAM puts most mass on the masks, relative to their area, overall."""
-    lifts = [(sweep_lift(r), r["layer"]) for r in rows if r["slice"] == "overall"]
-    lifts = [(lift, layer) for lift, layer in lifts if lift is not None]
-    return max(lifts, key=lambda pair: pair[0])[1] if lifts else None

@@ -24,20 +24,16 @@ from typing import Dict, List, Optional, Sequence
 import jinja2
 import markupsafe
 
-from . import (outputs, report_gallery, report_glossary, report_plots, report_summary,
+from . import (layout, outputs, report_gallery, report_glossary, report_plots, report_summary,
                report_text, runinfo)
-from .errors import AuditError
+from .errors import ReportError
 from .report_summary import METHOD_NAMES, SliceStats, exists, join
 
 SUMMARY_VERSION = 1
 
 
-class ReportError(AuditError):
-    """The report cannot be made from DIR (e.g. there is no run.json)."""
-
-
 def load_run(output: str) -> dict:
-    path = join(output, "run.json")
+    path = join(output, layout.RUN_JSON)
     if not exists(path):
         raise ReportError(
             f"{output} has no run.json, so it holds no finished audit to report on. Give the "
@@ -87,7 +83,7 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
     figures = report_summary
     picker = report_gallery.GalleryPicker()
     stats = figures.scan_attributions(
-        runinfo.parquet_files(join(output, "attributions")), run, picker)
+        runinfo.parquet_files(join(output, layout.ATTRIBUTIONS)), run, picker)
     data = run.get("data") or {}
     ident = figures.identity(run)
     methods = ident["methods"] or ["gradcam"]
@@ -160,7 +156,7 @@ def render_pictures(summary: dict, run: dict, output: str) -> dict:
     wanted = report_gallery.chosen_ids(galleries)
     note = None
     if wanted:
-        paths = runinfo.parquet_files(join(output, "attributions"))
+        paths = runinfo.parquet_files(join(output, layout.ATTRIBUTIONS))
         maps = report_gallery.read_maps(paths, summary["gallery_method"], wanted)
         images, note = report_gallery.read_images(run, wanted)
         report_gallery.render_thumbnails(galleries, maps, images)
@@ -249,7 +245,7 @@ def write_report(output: str) -> str:
     html = render_html(summary, pictures)
     # Temp name then rename: a run killed while reporting leaves the old report or none, never
     # half a page (re-render with `xai-audit report DIR`).
-    outputs.write_json_atomic(join(output, "report", "summary.json"), summary)
-    index = join(output, "report", "index.html")
+    outputs.write_json_atomic(join(output, layout.REPORT, layout.REPORT_SUMMARY), summary)
+    index = join(output, layout.REPORT, layout.REPORT_INDEX)
     outputs.write_bytes_atomic(index, html.encode("utf-8"), "text/html")
     return index

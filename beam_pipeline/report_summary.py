@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from . import evaluation, importance, metric_rules, quality, runinfo
+from . import evaluation, importance, layout, method_registry, metric_rules, results, runinfo
 
 MAX_METRIC_COLUMNS = 10
 MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
@@ -29,14 +29,10 @@ NO_GAP_METRICS = ("example_count", "mean_label", "mean_prediction", "calibration
 PRIMARY_METRICS = ("auc", "binary_accuracy", "accuracy", "precision[topK:1]")
 # The faithfulness reference: the same measures for a seeded random map on the same examples.
 RANDOM_FAITHFULNESS = ("random_deletion_auc", "random_insertion_auc")
-METHOD_NAMES = {
-    "gradcam": "Grad-CAM", "gradcam_plus_plus": "Grad-CAM++", "cam": "CAM", "saliency": "Saliency", "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "Integrated Gradients",
-}
+METHOD_NAMES = method_registry.display_names()
 
 
-def join(output: str, *parts: str) -> str:
-    return FileSystems.join(output.rstrip("/"), *parts)
+join = layout.join
 
 
 def exists(path: str) -> bool:
@@ -46,12 +42,7 @@ def exists(path: str) -> bool:
         return False
 
 
-def _read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
-    """All rows of one small Parquet output (None when the file is absent)."""
-    if not exists(path):
-        return None
-    with FileSystems.open(path) as handle:
-        return pq.ParquetFile(handle).read(columns=columns).to_pylist()
+_read_rows = runinfo.read_rows  # one reader of the single-file tables
 
 
 def as_number(value) -> Optional[float]:
@@ -375,7 +366,7 @@ def accounting(run: dict, output: str) -> dict:
     counts = run.get("counts") or {}
     by_stage: Dict[str, int] = {}
     examples = []
-    paths = runinfo.parquet_files(join(output, "errors"))
+    paths = runinfo.parquet_files(join(output, layout.ERRORS))
     for row in runinfo.iter_rows(paths, ["example_id", "stage", "error_type", "message"]):
         key = f"{row['stage']} / {row['error_type']}"
         by_stage[key] = by_stage.get(key, 0) + 1
@@ -475,7 +466,7 @@ def sample_note(option: str, requested: Optional[int], used: int, counts: dict) 
 
 
 def sanity(output: str, run: Optional[dict] = None) -> Optional[dict]:
-    rows = _read_rows(join(output, "sanity.parquet"))
+    rows = _read_rows(join(output, layout.SANITY))
     if not rows:
         return None
     curves: Dict[str, List[dict]] = {}
@@ -485,13 +476,13 @@ def sanity(output: str, run: Optional[dict] = None) -> Optional[dict]:
         curve.sort(key=lambda r: r["step"])
     requested = ((run or {}).get("options") or {}).get("sanity_sample")
     verdicts = {}
-    for method, last in quality.sanity_final_rows(rows).items():
+    for method, last in results.sanity_final_rows(rows).items():
         counts = [r["examples"] for r in curves[method]]
         verdicts[method] = {"flagged": bool(last["flagged"]),
                             "spearman_fully_random": as_number(last["spearman_mean"]),
                             "judged_step": last["step"], "steps": len(curves[method]),
                             "randomized_up_to": last.get("randomized_up_to"),
-                            "threshold": quality.SANITY_THRESHOLD,
+                            "threshold": results.SANITY_THRESHOLD,
                             "examples": last["examples"], "sampled": last.get("sampled"),
                             "examples_per_step": counts, "requested": requested,
                             # No defined correlation at the judged step: neither passed nor failed.
@@ -499,7 +490,7 @@ def sanity(output: str, run: Optional[dict] = None) -> Optional[dict]:
         verdicts[method]["statement"] = sanity_statement(method, verdicts[method])
     judged = {m: v["judged_step"] for m, v in verdicts.items()}
     return {"curves": curves, "verdicts": verdicts, "judged_step": judged,
-            "threshold": quality.SANITY_THRESHOLD}
+            "threshold": results.SANITY_THRESHOLD}
 
 
 def sanity_statement(method: str, result: dict) -> str:
@@ -543,17 +534,17 @@ def _sanity_counts(result: dict) -> str:
 
 
 def layer_sweep_summary(output: str) -> Optional[dict]:
-    rows = _read_rows(join(output, "layer_sweep.parquet"))
+    rows = _read_rows(join(output, layout.LAYER_SWEEP))
     if not rows:
         return None
     overall = sorted((r for r in rows if r["slice"] == "overall"), key=lambda r: r["depth"] or 0)
     for row in overall:
-        row["lift"] = quality.sweep_lift(row)
-    return {"overall": overall, "best_layer": quality.best_sweep_layer(overall)}
+        row["lift"] = results.sweep_lift(row)
+    return {"overall": overall, "best_layer": results.best_sweep_layer(overall)}
 
 
 def importance_section(output: str) -> Optional[dict]:
-    rows = _read_rows(join(output, "importance_summary.parquet"))
+    rows = _read_rows(join(output, layout.IMPORTANCE_SUMMARY))
     if not rows:
         return None
     by_metric: Dict[str, List[dict]] = {}

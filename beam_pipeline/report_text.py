@@ -7,6 +7,7 @@ import re
 from typing import Dict, List, Optional
 
 from .report_glossary import CALIBRATION_RANGE, calibration_off
+from . import method_registry
 from .report_summary import METHOD_NAMES, as_number
 
 # Unicode bidirectional controls (embeddings, overrides, isolates, marks): in an id, path or slice
@@ -190,20 +191,7 @@ def findings(summary: dict) -> List[str]:
     return out
 
 
-METHOD_NOTES = {
-    "gradcam": "Grad-CAM shows where, at one convolutional layer, a small change would most "
-               "raise the explained class's score: sensitivity-based localization at the "
-               "layer's coarse resolution, not a causal account of the decision.",
-    "cam": "CAM weighs the last feature maps by the classifier's weights: exact for a global "
-           "average pooling head, coarse, and like Grad-CAM it shows association, not cause.",
-    "saliency": "Saliency is the gradient at the input: noisy, and sensitive to small "
-                "perturbations; it says where the score is locally sensitive.",
-    "smoothgrad": "SmoothGrad averages gradients over noisy copies: less noisy than saliency, "
-                  "but its picture depends on the noise level chosen.",
-    "integrated_gradients": "Integrated Gradients attributes the score difference to a "
-                            "baseline image; the result depends on that baseline "
-                            "(ig_completeness_gap measures how well it adds up).",
-}
+METHOD_NOTES = method_registry.notes()
 GENERAL_NOTES = (
     "Permutation importance shuffles one region or channel between examples and measures the "
     "loss in quality; shuffling breaks correlations between regions, so correlated regions can "

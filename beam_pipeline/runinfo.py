@@ -66,6 +66,19 @@ def value_counts(values: pa.ChunkedArray) -> Dict[str, int]:
     return {row["values"]: row["counts"] for row in counts}
 
 
+def read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
+    """All rows of one small Parquet output (sanity, layer sweep, importance summary) as dicts,
+    or None when the file is absent: the one reader of the single-file tables."""
+    try:
+        present = FileSystems.exists(path)
+    except Exception:  # an unreachable store reads as absent, as the report's other checks do
+        present = False
+    if not present:
+        return None
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).read(columns=columns).to_pylist()
+
+
 def iter_rows(paths: Sequence[str], columns: Sequence[str],
               batch_size: int = 4096) -> Iterator[dict]:
     """Rows of Parquet files as dicts, a batch at a time, reading only ``columns`` (those the
@@ -95,11 +108,6 @@ def beam_counters(result) -> Dict[str, float]:
         figures[f"{name}_sum"] = figures.get(f"{name}_sum", 0) + value.sum
         figures[f"{name}_count"] = figures.get(f"{name}_count", 0) + value.count
     return figures
-
-
-def write_json(path: str, payload: dict) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=False, default=str).encode())
 
 
 def read_json(path: str) -> dict:

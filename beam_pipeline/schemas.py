@@ -3,6 +3,7 @@ from typing import Dict, Sequence
 
 import pyarrow as pa
 
+from . import method_registry
 from .errors import OptionError
 
 ERROR_SCHEMA = pa.schema(
@@ -29,10 +30,11 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
     ]
     for method in methods:
         fields += [(method, pa.list_(pa.float32())), (f"{method}_shape", pa.list_(pa.int32()))]
-        if method in ("gradcam", "gradcam_plus_plus"):  # maps at the --layer feature map
+        record = method_registry.get(method)
+        if record.resolution == "layer":  # maps at the --layer feature map
             fields.append((f"{method}_layer", pa.string()))
-        if method == "integrated_gradients":
-            fields.append(("ig_completeness_gap", pa.float32()))
+        fields += [(extra.column, pa.type_for_alias(extra.arrow_type))
+                   for extra in record.extra_columns]
         if faithfulness:  # on the seeded sample only; null elsewhere
             fields += [(f"{method}_deletion_auc", pa.float32()),
                        (f"{method}_insertion_auc", pa.float32())]

@@ -18,7 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 import testfs
 from beam_pipeline import cli
 from conftest import gap_model, make_manifest
-from test_job import BASE_COLUMNS, MASK_COLUMNS, assert_accounting
+from helpers import BASE_COLUMNS, MASK_COLUMNS, assert_accounting
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 
 import pandas as pd
 
-from test_job import BASE_COLUMNS, MASK_COLUMNS, assert_accounting
+from helpers import BASE_COLUMNS, MASK_COLUMNS, assert_accounting
 
 
 def test_demo_end_to_end_through_the_cli(tmp_path):

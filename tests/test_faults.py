@@ -27,7 +27,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import IMAGE_SIZE, gap_model, png_bytes, random_image, write_png
-from test_job import read_outputs, run_cli
+from helpers import read_outputs, run_cli
 
 HTML = "<script>alert(1)</script>"
 AUDITED = ("attributions", None)

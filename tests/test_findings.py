@@ -15,7 +15,7 @@ from matplotlib.collections import LineCollection, PathCollection
 from beam_pipeline import demo_job, quality, report_plots, report_summary, report_text
 from beam_pipeline.schemas import SANITY_SCHEMA
 from conftest import IMAGE_SIZE, write_png
-from test_job import read_outputs, run_cli
+from helpers import read_outputs, run_cli
 from test_quality import checker_images, predictor, quadrant_map, region_model
 
 

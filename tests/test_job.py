@@ -16,36 +16,11 @@ import tf_keras
 
 from beam_pipeline import cli, decode
 from conftest import IMAGE_SIZE, conv_activations, gap_model, make_manifest, png_bytes, random_image
-
-BASE_COLUMNS = {"example_id", "label", "predicted_class", "probabilities", "target_class",
-                "gradcam", "gradcam_shape", "gradcam_layer",
-                "gradcam_deletion_auc", "gradcam_insertion_auc",  # faithfulness: sampled rows
-                "random_deletion_auc", "random_insertion_auc"}  # and its random-map reference
-MASK_COLUMNS = {"gradcam_mask_energy", "gradcam_pointing_hit", "gradcam_iou", "mask_area"}
-
+from helpers import BASE_COLUMNS, MASK_COLUMNS, assert_accounting, read_outputs, run_cli  # noqa: F401
 
 # The fixtures' models have random weights: a useless model fails the baseline gates
 # (test_verdict.py), so runs that test the job's plumbing turn them off.
 RANDOM = ("--baseline-gates", "off")
-
-
-def run_cli(*args):
-    return cli.main([str(a) for a in args])
-
-
-def read_outputs(out):
-    attributions = pd.read_parquet(os.path.join(out, "attributions"))
-    errors = pd.read_parquet(os.path.join(out, "errors"))
-    with open(os.path.join(out, "run.json")) as handle:
-        run = json.load(handle)
-    return attributions, errors, run
-
-
-def assert_accounting(attributions, errors, expected_ids):
-    ok, failed = list(attributions.example_id), list(errors.example_id)
-    assert len(ok) == len(set(ok)) and len(failed) == len(set(failed))
-    assert not set(ok) & set(failed)
-    assert set(ok) | set(failed) == set(expected_ids)
 
 
 def test_class_folders_end_to_end_match_closed_form(tmp_path, folder_dataset, saved_model):

@@ -15,7 +15,7 @@ import pytest
 import testfs
 from beam_pipeline import cli, outputs
 from conftest import gap_model, make_manifest
-from test_job import assert_accounting, read_outputs
+from helpers import assert_accounting, read_outputs
 
 
 def tree(folder):

@@ -12,7 +12,7 @@ import pytest
 from beam_pipeline import sources
 from beam_pipeline.errors import OptionError
 from conftest import LogLines, gap_model, make_manifest
-from test_job import read_outputs, run_cli
+from helpers import read_outputs, run_cli
 
 N = 60  # more than sources.MAX_SLICE_VALUES distinct ages and timestamps
 
