@@ -101,11 +101,21 @@ def test_an_unknown_method_is_an_option_error():
 def test_a_bad_method_option_stops_the_run_before_anything_is_staged(tmp_path, capsys,
                                                                     folder_dataset, saved_model):
     out = tmp_path / "out"
-    code = cli.main(["run", "--model", str(saved_model), "--data", str(folder_dataset),
-                     "--output", str(out), "--methods", "integrated_gradients",
-                     "--ig-steps", "0"])
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["run", "--model", str(saved_model), "--data", str(folder_dataset),
+                  "--output", str(out), "--methods", "integrated_gradients", "--ig-steps", "0"])
     err = " ".join(capsys.readouterr().err.split())
-    assert code == 1 and "--ig-steps must be at least 1" in err and "Traceback" not in err
+    # On the command line the bound is argparse's: a usage error (exit 2), nothing staged.
+    assert usage.value.code == 2 and "--ig-steps" in err and "Traceback" not in err
+    assert not out.exists()
+    # A caller building the request directly meets the same bound when the job is planned.
+    from beam_pipeline import job
+    from beam_pipeline.errors import OptionError
+
+    request = job.AuditRequest(model=str(saved_model), data=str(folder_dataset), output=str(out),
+                               methods=("integrated_gradients",), ig_steps=0)
+    with pytest.raises(OptionError, match="--ig-steps must be at least 1"):
+        job.plan_audit(request)
     assert not out.exists()
 
 
