@@ -7,7 +7,8 @@ reads the outputs back to count them, writes run.json and returns the exit code.
 The pipeline writes into a staging folder inside ``--output`` and the files get their final names
 only when it has finished, run.json last (``outputs``): a killed run leaves no half-written final
 file, and an earlier run in the folder is refused unless ``--overwrite``. With Beam's
-``--dry_run`` (DataflowRunner) the job is only translated: nothing is written, nothing submitted.
+``--dry_run`` (DataflowRunner) the job is only translated: nothing is written, nothing submitted,
+and nothing needs the network (no cloud output is listed, no cloud input read: ``_check_dry_run``).
 """
 import io
 import logging
