@@ -7,7 +7,8 @@ reads the outputs back to count them, writes run.json and returns the exit code.
 The pipeline writes into a staging folder inside ``--output`` and the files get their final names
 only when it has finished, run.json last (``outputs``): a killed run leaves no half-written final
 file, and an earlier run in the folder is refused unless ``--overwrite``. With Beam's
-``--dry_run`` (DataflowRunner) the job is only translated: nothing is written, nothing submitted.
+``--dry_run`` (DataflowRunner) the job is only translated: nothing is written, nothing submitted,
+and nothing needs the network (no cloud output is listed, no cloud input read: ``_check_dry_run``).
 """
 import io
 import logging
@@ -382,11 +383,14 @@ def _is_dataflow(options: PipelineOptions) -> bool:
     return runner.split(".")[-1] in DATAFLOW_RUNNERS
 
 
-def _check_dry_run(options: PipelineOptions) -> None:
+def _check_dry_run(req: AuditRequest, options: PipelineOptions) -> None:
     """A dry run is Dataflow's translation without submission; make sure it stays offline.
 
     With no valid ``gs://`` temp or staging location Beam goes online to find or create a
     default bucket, so a dry run refuses that up front (exit 1) instead of hanging offline.
+    Planning reads the model and the data (and a TFMA config): from cloud storage that needs
+    the network and credentials (minutes of retries offline), so a dry run refuses such paths
+    at once. The output location is never touched (``_translate_only``).
     """
     if not _is_dataflow(options):
         raise OptionError(
@@ -411,6 +415,22 @@ def _check_dry_run(options: PipelineOptions) -> None:
     if errors:
         raise OptionError("Dataflow would refuse the options: " + " ".join(
             e.strip() for e in errors))
+    remote = [f"--{name.replace('_', '-')} {value}" for name, value in _planned_inputs(req)
+              if "://" in value]
+    if remote:
+        raise OptionError(
+            f"{', '.join(remote)}: a dry run plans the job offline and cannot read cloud "
+            "storage (that needs the network and credentials). Copy the file(s) to local paths "
+            "for the dry run (e.g. gcloud storage cp), or leave out --dry_run to read them; "
+            "the output location may stay gs://, a dry run never touches it.")
+
+
+def _planned_inputs(req: AuditRequest) -> List[Tuple[str, str]]:
+    """The inputs planning reads on the launcher, as (option, value)."""
+    inputs = [("model", req.model), ("data", req.data)]
+    if req.tfma_config and req.tfma_config != "none":
+        inputs.append(("tfma_config", req.tfma_config))
+    return inputs
 
 
 def _local_paths(req: AuditRequest) -> List[str]:
@@ -432,11 +452,18 @@ def _check_remote_paths(req: AuditRequest, options: PipelineOptions, dry_run: bo
 
 
 def _translate_only(req: AuditRequest, plan: Plan, beam_args: Sequence[str], final: str) -> int:
-    """--dry_run: translate the real pipeline for Dataflow; write nothing, submit nothing."""
-    state = outputs.inspect_folder(final)  # reads only
-    if state.finished_run and not req.overwrite:
-        LOG.warning("Dry run: the real run would refuse %s: %s", final,
-                    outputs.refusal_message(state))
+    """--dry_run: translate the real pipeline for Dataflow; write nothing, submit nothing.
+
+    A local output folder is inspected (reads only) to warn of a run the real one would refuse;
+    a cloud one is not even listed: that needs the network and credentials."""
+    if "://" in final:
+        LOG.info("Dry run: %s is not checked offline; the real run refuses it if it holds an "
+                 "earlier run (unless --overwrite).", final)
+    else:
+        state = outputs.inspect_folder(final)  # reads only
+        if state.finished_run and not req.overwrite:
+            LOG.warning("Dry run: the real run would refuse %s: %s", final,
+                        outputs.refusal_message(state))
     start = time.perf_counter()
     p = make_pipeline(beam_args)
     pipeline.build_pipeline(p, plan.config)
@@ -598,7 +625,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full"
     options = PipelineOptions(list(beam_args))
     dry_run = is_dry_run(options)
     if dry_run:
-        _check_dry_run(options)
+        _check_dry_run(req, options)
     _check_remote_paths(req, options, dry_run)
     _check_runner(options)
     final = req.output.rstrip("/")
@@ -788,7 +815,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
             "slice_bins": config.source.slice_bins,
             "files": len(config.source.files) or None,
         },
-        "runner": {"name": options.get("runner") or "FnApiRunner (local)", "options": options},
+        "runner": {"name": options.get("runner") or _runner_name(p), "options": options},
         "seed": req.seed,
         "options": {k: v for k, v in asdict(req).items() if k not in ("model", "data", "output")},
         "libraries": runinfo.library_versions(),
@@ -803,3 +830,10 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,
                                                 plan.performance_thresholds),
     }
+
+
+def _runner_name(p: beam.Pipeline) -> str:
+    """The runner that ran ``p``: PortableRunner (and Flink's and Spark's, its subclasses) clear
+    --runner from the options they submit, so the options alone would not say."""
+    name = type(p.runner).__name__
+    return "FnApiRunner (local)" if name == "FnApiRunner" else name
