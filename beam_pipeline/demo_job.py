@@ -58,13 +58,22 @@ def site_story(table: pd.DataFrame, method: str) -> str:
     accuracy, how it compares, and whether ``method``'s peak misses the lesion there."""
     if len(table) < 2 or table.accuracy.isna().all():
         return "Too few sites with figures to compare."
-    worst = table.accuracy.idxmin()
-    others = table.drop(worst)
-    text = (f"{worst} has the lowest accuracy, {table.accuracy[worst]:.3f} against "
-            f"{_span(others.accuracy)} at the other sites")
-    if pd.notna(table.auc[worst]) and others.auc.notna().any():
-        text += f" (AUC {table.auc[worst]:.3f} against {_span(others.auc)})"
     hits = table.pointing_hit_rate
+    if table.accuracy.max() - table.accuracy.min() < 1e-9:
+        # No site is worst by accuracy: where the maps land is what can tell them apart.
+        text = f"Every site has accuracy {table.accuracy.max():.3f}"
+        if hits.isna().all():
+            return text + "."
+        worst = hits.idxmin()
+        text += f"; at {worst}"
+    else:
+        worst = table.accuracy.idxmin()
+        others = table.drop(worst)
+        text = (f"{worst} has the lowest accuracy, {table.accuracy[worst]:.3f} against "
+                f"{_span(others.accuracy)} at the other sites")
+        if pd.notna(table.auc[worst]) and others.auc.notna().any():
+            text += f" (AUC {table.auc[worst]:.3f} against {_span(others.auc)})"
+    others = table.drop(worst)
     if pd.isna(hits[worst]) or others.pointing_hit_rate.isna().all():
         return text + "."
     low, high = others.pointing_hit_rate.min(), others.pointing_hit_rate.max()

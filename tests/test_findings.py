@@ -199,3 +199,7 @@ def test_demo_closing_sentence_is_computed_from_the_table():
     diffuse = demo_job.site_story(
         _site_table([0.95, 0.93, 0.7], [0.99, 0.98, 0.75], [0.0, 0.02, 0.0]), "gradcam")
     assert "localize nowhere" in diffuse
+    tied = demo_job.site_story(  # the 24-scan demo: every site perfect, site_c's maps elsewhere
+        _site_table([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]), "gradcam")
+    assert tied.startswith("Every site has accuracy 1.000; at site_c")
+    assert "only 0% of its lesion scans" in tied and "lowest accuracy" not in tied

@@ -188,10 +188,10 @@ def tree_names(folder):
 
 def test_the_demo_runs_twice_into_the_same_folder(tmp_path):
     out = tmp_path / "demo"
-    # With 24 scans the demo's one truncated scan is 4% of the data, above the default 1%
-    # error rate: the audit exits 4 (the full demo stays under it). A refusal would be 1.
+    # The demo allows its own one planted bad scan at any size (demo_max_error_rate), so both
+    # runs pass; a refusal of the second (the folder holds a run) would be 1.
     codes = [cli.main(["demo", "--output", str(out), "--examples", "24"]) for _ in range(2)]
-    assert codes == [4, 4]
+    assert codes == [0, 0]
     attributions, errors, run = read_outputs(out)
     manifest = pd.read_csv(out / "demo_data" / "manifest.csv", dtype=str)
     assert len(manifest) == 25  # one truncated scan added once, not once per demo
