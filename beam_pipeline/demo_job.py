@@ -161,11 +161,6 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
               f"lesion sits in the middle, site_c's marker top left); the largest drop is at "
               f"{top[0]}_{top[1]} ({grid.stack().max():.3f}):")
         print(grid.to_string())
-    for gate in run["gates"]:
-        value = gate["value"]
-        print(f"  gate {gate['gate']} {gate['metric']}: {'passed' if gate['passed'] else 'FAILED'}"
-              f" ({gate['slice']}: {'n/a' if value is None else f'{value:.4f}'}, "
-              f"bound {gate['bound']})")
     if code == job.EXIT_GATE:
         failed = sorted({g["slice"] for g in run["gates"] if not g["passed"]})
         print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails at {'; '.join(failed)}: the audit "

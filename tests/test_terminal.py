@@ -180,6 +180,11 @@ def test_run_summary_paths_and_thumbnails_from_any_directory(tmp_path, rng, save
     shown, map_only = _thumbnails(html)
     assert shown > 0 and map_only == 0
     assert f"Images re-read from {data / 'manifest.csv'}." in html
+    identity = json.loads((out / "report" / "summary.json").read_text())["identity"]
+    # The archived report names the model absolutely, and as typed.
+    assert identity["model_path"] == run["model"]["absolute_path"]
+    assert identity["model_path_given"] == "model.keras"
+    assert "(given as model.keras)" in html
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
