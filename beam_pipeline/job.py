@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, baseline, decode, evaluation, importance, layer_sweep, limits,
+from . import (attention, attribution_methods, baseline, decode, evaluation, importance, layer_sweep, limits,
                metric_rules, model_io, outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
@@ -269,6 +269,7 @@ def _plan_importance(req: AuditRequest, plan: Plan) -> None:
     cfg = plan.config
     cfg.permutation_repeats, cfg.shard_size, cfg.seed = (
         req.permutation_repeats, req.shard_size, req.seed)
+    cfg.region_grid = attention.region_grid(features)  # also without labels: no importance
     if not features:
         plan.importance_skipped_because = "--permutation-features none"
     elif not cfg.source.labeled:
@@ -711,6 +712,8 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "beam_counters": counters,
         "tfma": tfma_summary,
         "importance": _importance_summary(plan),
+        "attention": {"method": config.methods[0], "region_grid": list(config.region_grid),
+                      "by_slice": pipeline.output_path(config.output, "attention_by_slice.parquet")},
         "quality": _quality_summary(plan),
         "gates": gates,
         "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,

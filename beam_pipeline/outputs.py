@@ -49,6 +49,7 @@ RUN_JSON = "run.json"
 OUTPUT_NAMES = (
     RUN_JSON, "attributions", "errors", "importance", "importance_summary.parquet", "tfma",
     "layer_sweep.parquet", "layer_sweep_maps.parquet", "sanity.parquet", "report",
+    "attention_by_slice.parquet", "importance_by_slice.parquet",
 )
 # The files a run writes under each folder of OUTPUT_NAMES (patterns relative to DIR, no deeper
 # than written): only these are a run's, so only these are removed. Top-level names are files.

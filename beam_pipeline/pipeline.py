@@ -18,11 +18,12 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import (attribution_methods, decode, evaluation, explainers, importance, layer_sweep,
-               model_io, quality, sources)
+from . import (attention, attribution_methods, decode, evaluation, explainers, importance,
+               layer_sweep, model_io, quality, sources)
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
-from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
+from .schemas import (ATTENTION_BY_SLICE_SCHEMA, ERROR_SCHEMA, IMPORTANCE_BY_SLICE_SCHEMA,
+                      IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
                       SWEEP_MAPS_SCHEMA, SWEEP_SCHEMA, attribution_schema)
 
 LOG = logging.getLogger("xai_audit")
@@ -58,6 +59,7 @@ class AuditConfig:
     permutation_repeats: int = 3
     shard_size: int = 256
     seed: int = 0
+    region_grid: tuple = attention.DEFAULT_GRID  # rows x cols of attention_region's cells
 
     @property
     def labeled(self) -> bool:
@@ -400,6 +402,10 @@ class ExplainBatches(beam.DoFn):
             }
             for columns in per_method:
                 row.update(columns[i])
+            written = per_method[0][i]  # the first method's map, as written
+            row["attention_region"] = attention.attention_region(
+                np.asarray(written[self.config.methods[0]]).reshape(
+                    written[f"{self.config.methods[0]}_shape"]), self.config.region_grid)
             if self.config.faithfulness_sample:
                 row["random_deletion_auc"], row["random_insertion_auc"] = (
                     (reference or {}).get(i, (None, None)))
@@ -488,6 +494,8 @@ class ShardImportance(beam.DoFn):
                 cfg.seed,
                 shard,
                 cfg.batch_size,
+                slices=[attention.slice_names(ex.slices, cfg.source.slice_types)[1:]
+                        for ex in members],
             )
             self.shards.inc()
             self.forward_images.inc(len(members) * (1 + len(rows)))
@@ -525,6 +533,7 @@ class PermutationImportance(beam.PTransform):
         )
         _ = (
             raw
+            | "OverallRows" >> beam.Filter(lambda row: row["slice"] == importance.OVERALL)
             | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
             | "WriteImportance" >> beam.io.WriteToParquet(
                 output_path(cfg.output, "importance", "part"), IMPORTANCE_SCHEMA,
@@ -534,14 +543,26 @@ class PermutationImportance(beam.PTransform):
                 record_batch_size=64, row_group_buffer_size=16 << 20)
         )
         # An additive CombineFn, not a GroupByKey: each worker pre-sums its shards, so the
-        # summary holds one accumulator per feature however many shards there are.
-        return (
+        # summary holds one accumulator per (slice, feature) however many shards there are.
+        summaries = (
             raw
-            | "ByFeature" >> beam.Map(lambda row: (row["feature"], row))
+            | "ByFeature" >> beam.Map(lambda row: ((row["slice"], row["feature"]), row))
             | "SumShards" >> beam.CombinePerKey(SumImportancePartials())
-            | "Summarize" >> beam.FlatMapTuple(lambda feature, per_repeat: [
-                importance.summary_of(feature, metric, per_repeat)
+            | "Summarize" >> beam.FlatMapTuple(lambda key, per_repeat: [
+                {"slice": key[0], **importance.summary_of(key[1], metric, per_repeat)}
                 for metric in importance.METRICS])
+        )
+        _ = (
+            summaries
+            | "SliceSummaries" >> beam.Filter(lambda row: row["slice"] != importance.OVERALL)
+            | "WriteBySlice" >> beam.io.WriteToParquet(
+                output_path(cfg.output, "importance_by_slice"), IMPORTANCE_BY_SLICE_SCHEMA,
+                file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+        )
+        return (
+            summaries
+            | "OverallSummaries" >> beam.Filter(lambda row: row["slice"] == importance.OVERALL)
+            | "DropSlice" >> beam.Map(lambda row: {k: v for k, v in row.items() if k != "slice"})
             | "WriteSummary" >> beam.io.WriteToParquet(
                 output_path(cfg.output, "importance_summary"), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
@@ -679,6 +700,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
             config.eval_config, output_path(config.output, "tfma"), list(spec.slice_types),
             config.methods[0] if spec.has_masks else None,
         )
+    _ = (
+        explained.rows
+        | "AttentionGroups" >> beam.FlatMap(attention.attention_groups, config.methods[0],
+                                            list(spec.slice_types))
+        | "SumAttention" >> beam.CombinePerKey(attention.AttentionSum())
+        | "AttentionRows" >> beam.MapTuple(attention.attention_row)
+        | "WriteAttentionBySlice" >> beam.io.WriteToParquet(
+            output_path(config.output, "attention_by_slice"), ATTENTION_BY_SLICE_SCHEMA,
+            file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+    )
     _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
         output_path(config.output, "attributions", "part"), schema, file_name_suffix=".parquet"
     )

@@ -18,6 +18,7 @@ from beam_pipeline import cli, decode
 from conftest import IMAGE_SIZE, conv_activations, gap_model, make_manifest, png_bytes, random_image
 
 BASE_COLUMNS = {"example_id", "label", "predicted_class", "probabilities", "target_class",
+                "attention_region",
                 "gradcam", "gradcam_shape", "gradcam_layer",
                 "gradcam_deletion_auc", "gradcam_insertion_auc",  # faithfulness: sampled rows
                 "random_deletion_auc", "random_insertion_auc"}  # and its random-map reference
