@@ -79,8 +79,10 @@ def region_words(region: str, grid: Tuple[int, int]) -> str:
 
 
 def slice_names(row: dict, slice_columns: Sequence[str]) -> List[str]:
-    """``overall`` and ``column=value`` for each slice column (the layer sweep's naming)."""
-    return [OVERALL, *(f"{column}={row.get(column)}" for column in slice_columns)]
+    """``overall`` and ``column=value`` for each slice column with a value (TFMA's and the
+    report's naming; an example without a value is in no slice of that column, as in TFMA)."""
+    return [OVERALL, *(f"{column}={row[column]}" for column in slice_columns
+                       if row.get(column) is not None)]
 
 
 # --------------------------------------------------------------------------- attention by slice

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display on workers, CI machines or launchers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 THUMBNAIL_PX = 128
@@ -128,6 +129,38 @@ def patch_heatmap(metric: str, grid: Sequence[Sequence[Optional[float]]]) -> str
     ax.set_xticks(range(cols), [f"c{c}" for c in range(cols)])
     ax.set_yticks(range(rows), [f"r{r}" for r in range(rows)])
     fig.colorbar(image, ax=ax, label=metric, fraction=0.046)
+    return _figure_uri(fig)
+
+
+def attention_grid(maps: Sequence[dict], grid: Sequence[int], columns: int = 4) -> str:
+    """One mean map per slice value on a common colour scale (so their peaks compare), with the
+    attention-region grid drawn over each and its peak cell outlined."""
+    arrays = [np.asarray(m["map"], float) for m in maps]
+    top = max((float(a.max()) for a in arrays), default=1.0) or 1.0
+    cols = min(columns, len(maps))
+    rows = math.ceil(len(maps) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.8, 2.3 * rows), squeeze=False)
+    image = None
+    for ax, entry, values in zip(axes.flat, maps, arrays):
+        height, width = values.shape
+        image = ax.imshow(values, cmap=_COLORMAP, vmin=0.0, vmax=top,
+                          extent=(0, width, height, 0))
+        for i in range(1, grid[0]):
+            ax.axhline(i * height / grid[0], color="white", linewidth=0.5, alpha=0.6)
+        for j in range(1, grid[1]):
+            ax.axvline(j * width / grid[1], color="white", linewidth=0.5, alpha=0.6)
+        if entry.get("peak_region"):
+            r, c = (int(part[1:]) for part in entry["peak_region"].split("_"))
+            ax.add_patch(Rectangle(
+                (c * width / grid[1], r * height / grid[0]), width / grid[1], height / grid[0],
+                fill=False, edgecolor="cyan", linewidth=1.5))
+        ax.set_title(f"{_short(entry['slice'], 24)}\nn={entry['n']:,}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(maps):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="mean share of map mass per pixel", fraction=0.03)
     return _figure_uri(fig)
 
 
