@@ -2,9 +2,8 @@
 
 * ``unit_mass``: a map's positive part scaled to sum 1 (the mass the mask metrics also use).
 * ``attention_region``: the cell of the permutation-patch grid (``importance.region_name``,
-  ``r{i}_c{j}``) holding most of a map's mass; cells are the grid's fractions of the image, so a
-  7x7 Grad-CAM map and a 64x64 saliency map are cut at the same places (a map pixel straddling a
-  cell border gives each cell its overlapping share).
+  ``r{i}_c{j}``) holding the map's peak; cells are the grid's fractions of the image, so a 7x7
+  Grad-CAM map and a 64x64 saliency map are cut at the same places.
 * ``attention_groups`` / ``AttentionSum``: per (slice, predicted class) the sum of unit-mass maps
   and their count, an additive combine (no map is ever grouped), written as
   ``attention_by_slice.parquet`` with the mean map.
@@ -40,30 +39,24 @@ def unit_mass(values: np.ndarray) -> Optional[np.ndarray]:
     return positive / total if total > 0 else None
 
 
-def _overlap(size: int, cells: int) -> np.ndarray:
-    """[size, cells]: the share of map pixel k (covering [k/size, (k+1)/size)) in each cell."""
-    edges_px = np.arange(size + 1) / size
-    edges_cell = np.arange(cells + 1) / cells
-    low = np.maximum(edges_px[:-1, None], edges_cell[None, :-1])
-    high = np.minimum(edges_px[1:, None], edges_cell[None, 1:])
-    return np.clip(high - low, 0.0, None) * size
-
-
-def cell_mass(values: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-    """[rows, cols] of the grid: the map's positive mass in each cell (sums to the map's)."""
-    positive = np.maximum(np.nan_to_num(np.asarray(values, np.float64)), 0.0)
-    height, width = positive.shape
-    return _overlap(height, grid[0]).T @ positive @ _overlap(width, grid[1])
+def peak_cell(shape: Tuple[int, int], index: Tuple[int, int], grid: Tuple[int, int]):
+    """The grid cell (row, col) holding the centre of map pixel ``index``: cells are the grid's
+    fractions of the image, so a 7x7 Grad-CAM map and a 64x64 saliency map are cut alike."""
+    return tuple(int((i + 0.5) * cells / size) for i, size, cells in zip(index, shape, grid))
 
 
 def attention_region(values: np.ndarray, grid: Tuple[int, int]) -> Optional[str]:
-    """``r{i}_c{j}`` of the cell with the most mass (first in row-major order on ties); None
-    for a map with no positive mass (no attention to place)."""
-    mass = cell_mass(values, grid)
-    if not mass.sum() > 0:
+    """``r{i}_c{j}``: the cell holding the map's peak (the pointing game's point; the first
+    maximum in row-major order on ties). None for a map with no positive value.
+
+    The peak, not the cell with the most mass: Grad-CAM maps often carry a broad floor (half the
+    peak over the whole image), whose mass outweighs a small sharp focus such as a corner marker,
+    so "most mass" names the largest cell of floor rather than where the model looks."""
+    values = np.nan_to_num(np.asarray(values, np.float64))
+    if not values.size or not values.max() > 0:
         return None
-    row, col = np.unravel_index(int(np.argmax(mass)), mass.shape)
-    return region_name(int(row), int(col))
+    index = np.unravel_index(int(np.argmax(values)), values.shape)
+    return region_name(*peak_cell(values.shape, index, grid))
 
 
 def region_words(region: str, grid: Tuple[int, int]) -> str:
@@ -129,21 +122,17 @@ def attention_row(key, summed) -> dict:
             "shape": list(shape), "n": int(count)}
 
 
-def mean_maps_by_slice(rows: Iterable[dict]) -> Dict[str, Tuple[np.ndarray, int]]:
-    """attention_by_slice rows → {slice: (mean unit-mass map over every predicted class, n)}.
-    Weighted by n, so it is the mean of all the slice's maps; rows of another shape than the
-    first are left out (one method, one shape, in practice)."""
-    sums: Dict[str, list] = {}
+def mean_maps(rows: Iterable[dict]) -> Dict[Tuple[str, int], Tuple[np.ndarray, int]]:
+    """attention_by_slice rows → {(slice, predicted class): (mean unit-mass map, n)}; rows of
+    another shape than the first are left out (one method, one shape, in practice)."""
+    out: Dict[Tuple[str, int], Tuple[np.ndarray, int]] = {}
     shape = None
     for row in rows:
         shape = shape or tuple(row["shape"])
-        if tuple(row["shape"]) != shape:
-            continue
-        values = np.asarray(row["map"], np.float64).reshape(shape) * row["n"]
-        entry = sums.setdefault(row["slice"], [np.zeros(shape), 0])
-        entry[0] += values
-        entry[1] += row["n"]
-    return {name: (total / n, n) for name, (total, n) in sums.items() if n}
+        if tuple(row["shape"]) == shape and row["n"]:
+            out[row["slice"], row["predicted_class"]] = (
+                np.asarray(row["map"], np.float64).reshape(shape), row["n"])
+    return out
 
 
 # --------------------------------------------------------------------------- region findings

@@ -1,7 +1,7 @@
 """The report's figures of where the model looks, with or without masks (issue 15).
 
-* ``attention_section``: the mean unit-mass map per slice value (from attention_by_slice.parquet,
-  over every predicted class), the region each mean map peaks in, and the region findings (a
+* ``attention_section``: the mean unit-mass map per predicted class and slice value (from
+  attention_by_slice.parquet), the region each mean map peaks in, and the region findings (a
   slice value whose maps peak in one region far more often than the other values' do), counted
   in one streaming pass over the attributions' ``attention_region`` and slice columns.
 * ``importance_by_slice``: per slice value, the patch importances of the report's metric
@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Sequence
 from . import attention, importance, runinfo
 from .report_summary import _read_rows, as_number, join
 
-MAX_ATTENTION_SLICES = 16  # mean maps drawn (overall first, then slice values by name)
+MAX_ATTENTION_SLICES = 8  # columns of mean maps drawn (overall first, then values by name)
+MAX_ATTENTION_CLASSES = 4  # rows: the most often predicted classes
 MAP_DECIMALS = 5  # summary.json keeps the mean maps to this many decimals
 
 
@@ -23,22 +24,31 @@ def _grid(run: dict) -> tuple:
 
 
 def attention_section(output: str, run: dict) -> Optional[dict]:
+    """Mean maps per (predicted class, slice value), the cell each peaks in, region findings."""
     rows = _read_rows(join(output, "attention_by_slice.parquet"))
     if not rows:
         return None
     grid = _grid(run)
-    means = attention.mean_maps_by_slice(rows)
-    names = sorted(means, key=lambda n: (n != attention.OVERALL, n))[:MAX_ATTENTION_SLICES]
-    maps = [{"slice": name, "n": means[name][1],
-             "peak_region": attention.attention_region(means[name][0], grid),
-             "map": means[name][0].round(MAP_DECIMALS).tolist()} for name in names]
+    means = attention.mean_maps(rows)
+    slices = sorted({name for name, _ in means}, key=lambda n: (n != attention.OVERALL, n))
+    overall_n = {k: means[attention.OVERALL, k][1] for _, k in means
+                 if (attention.OVERALL, k) in means}
+    classes = sorted(overall_n, key=lambda k: (-overall_n[k], k))[:MAX_ATTENTION_CLASSES]
+    names = (run.get("model") or {}).get("class_names") or []
+    shown = slices[:MAX_ATTENTION_SLICES]
+    maps = [{"slice": name, "predicted_class": k,
+             "class_name": names[k] if 0 <= k < len(names) else str(k),
+             "n": means[name, k][1], "peak_region": attention.attention_region(means[name, k][0], grid),
+             "map": means[name, k][0].round(MAP_DECIMALS).tolist()}
+            for k in sorted(classes) for name in shown if (name, k) in means]
     slice_columns = list((run.get("data") or {}).get("slice_columns") or [])
     counts = attention.region_counts(
         runinfo.iter_rows(runinfo.parquet_files(join(output, "attributions")),
                           ["attention_region", *slice_columns]), slice_columns)
     found = attention.region_findings(counts, grid)
     return {"method": (run.get("attention") or {}).get("method"), "grid": list(grid),
-            "maps": maps, "shown": len(maps), "slices": len(means),
+            "maps": maps, "slices_shown": len(shown), "slices": len(slices),
+            "classes_shown": len(classes), "classes": len(overall_n),
             "region_findings": found,
             "findings": [attention.region_sentence(f) for f in found],
             "shift": attention.REGION_SHIFT, "min_examples": attention.REGION_MIN_EXAMPLES}

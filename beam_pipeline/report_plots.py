@@ -132,36 +132,46 @@ def patch_heatmap(metric: str, grid: Sequence[Sequence[Optional[float]]]) -> str
     return _figure_uri(fig)
 
 
-def attention_grid(maps: Sequence[dict], grid: Sequence[int], columns: int = 4) -> str:
-    """One mean map per slice value on a common colour scale (so their peaks compare), with the
-    attention-region grid drawn over each and its peak cell outlined."""
-    arrays = [np.asarray(m["map"], float) for m in maps]
-    top = max((float(a.max()) for a in arrays), default=1.0) or 1.0
-    cols = min(columns, len(maps))
-    rows = math.ceil(len(maps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.8, 2.3 * rows), squeeze=False)
-    image = None
-    for ax, entry, values in zip(axes.flat, maps, arrays):
-        height, width = values.shape
-        image = ax.imshow(values, cmap=_COLORMAP, vmin=0.0, vmax=top,
-                          extent=(0, width, height, 0))
-        for i in range(1, grid[0]):
-            ax.axhline(i * height / grid[0], color="white", linewidth=0.5, alpha=0.6)
-        for j in range(1, grid[1]):
-            ax.axvline(j * width / grid[1], color="white", linewidth=0.5, alpha=0.6)
-        if entry.get("peak_region"):
-            r, c = (int(part[1:]) for part in entry["peak_region"].split("_"))
-            ax.add_patch(Rectangle(
-                (c * width / grid[1], r * height / grid[0]), width / grid[1], height / grid[0],
-                fill=False, edgecolor="cyan", linewidth=1.5))
-        ax.set_title(f"{_short(entry['slice'], 24)}\nn={entry['n']:,}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in list(axes.flat)[len(maps):]:
+def attention_grid(maps: Sequence[dict], grid: Sequence[int]) -> str:
+    """Mean maps, a row per predicted class and a column per slice value, one colour scale per
+    row so a row's slice values compare (a class whose maps are a single bright pixel would
+    leave every other row black on one scale for all). The attention-region grid is drawn over
+    each map and the cell of its peak outlined."""
+    classes = list(dict.fromkeys(m["predicted_class"] for m in maps))
+    slices = list(dict.fromkeys(m["slice"] for m in maps))
+    fig, axes = plt.subplots(len(classes), len(slices), squeeze=False,
+                             figsize=(2.1 * len(slices) + 1.0, 2.3 * len(classes)))
+    for ax in axes.flat:
         ax.axis("off")
-    if image is not None:
-        fig.colorbar(image, ax=axes, label="mean share of map mass per pixel", fraction=0.03)
+    for row, k in enumerate(classes):
+        entries = [m for m in maps if m["predicted_class"] == k]
+        top = max(float(np.max(m["map"])) for m in entries) or 1.0
+        image = None
+        for entry in entries:
+            ax = axes[row, slices.index(entry["slice"])]
+            image = _attention_map(ax, entry, grid, top)
+        fig.colorbar(image, ax=list(axes[row]), fraction=0.02,
+                     label=f"predicted {_short(str(entries[0]['class_name']), 16)}")
     return _figure_uri(fig)
+
+
+def _attention_map(ax, entry: dict, grid: Sequence[int], top: float):
+    values = np.asarray(entry["map"], float)
+    height, width = values.shape
+    ax.axis("on")
+    image = ax.imshow(values, cmap=_COLORMAP, vmin=0.0, vmax=top, extent=(0, width, height, 0))
+    for i in range(1, grid[0]):
+        ax.axhline(i * height / grid[0], color="white", linewidth=0.5, alpha=0.6)
+    for j in range(1, grid[1]):
+        ax.axvline(j * width / grid[1], color="white", linewidth=0.5, alpha=0.6)
+    if entry.get("peak_region"):
+        r, c = (int(part[1:]) for part in entry["peak_region"].split("_"))
+        ax.add_patch(Rectangle((c * width / grid[1], r * height / grid[0]), width / grid[1],
+                               height / grid[0], fill=False, edgecolor="cyan", linewidth=1.5))
+    ax.set_title(f"{_short(entry['slice'], 24)}\nn={entry['n']:,}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return image
 
 
 def sanity_chart(curves: Dict[str, List[dict]], judged_step: Dict[str, int],
