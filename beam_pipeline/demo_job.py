@@ -39,13 +39,16 @@ def _drop_masks(manifest_path: str) -> None:
 def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gradcam"
                ) -> pd.DataFrame:
     """Per site: examples, accuracy, TFMA's AUC, where ``method`` looks on lesion scans (with
-    masks), and the region most of the site's maps peak in (``attention_region``)."""
+    masks), and the region most of the site's maps of predicted lesions peak in
+    (``attention_region``; maps of "healthy", the absence of a lesion, say little)."""
     frame = attributions.assign(correct=attributions.label == attributions.predicted_class)
     for column in (f"{method}_mask_energy", f"{method}_pointing_hit"):
         if column not in frame:  # no masks: no localization figures
             frame[column] = float("nan")
     lesions = frame[frame[f"{method}_mask_energy"].notna()]
-    regions = frame.dropna(subset=["attention_region"]).groupby("site").attention_region
+    lesion = demo.CLASS_NAMES.index("lesion")
+    regions = frame[frame.predicted_class == lesion].dropna(
+        subset=["attention_region"]).groupby("site").attention_region
     sites = sorted(frame.site.unique())
     auc = {s: tfma_metrics.get(f"site={s}", {}).get("auc") for s in sites}
     table = pd.DataFrame({
@@ -55,8 +58,8 @@ def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gr
                          dtype=float),
         "attention_on_lesion": lesions.groupby("site")[f"{method}_mask_energy"].mean(),
         "pointing_hit_rate": lesions.groupby("site")[f"{method}_pointing_hit"].mean(),
-        "peak_region": regions.agg(lambda r: r.value_counts().idxmax()),
-        "peak_share": regions.agg(lambda r: r.value_counts(normalize=True).max()),
+        "lesion_peak_region": regions.agg(lambda r: r.value_counts().idxmax()),
+        "lesion_peak_share": regions.agg(lambda r: r.value_counts(normalize=True).max()),
     })
     return table.round(3)
 
@@ -156,8 +159,8 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     print(f"  run manifest: {os.path.join(output, 'run.json')}")
     method = methods[0]  # the method of attention_region and attention_by_slice
     print(f"\nPer site (auc from TFMA; attention_on_lesion: share of {method} mass on the lesion "
-          "mask, lesion scans, n/a without masks; peak_region: the 4x4 cell most of the site's "
-          "maps peak in, peak_share: how many do):")
+          "mask, lesion scans, n/a without masks; lesion_peak_region: the 4x4 cell most of the "
+          "site's maps of predicted lesions peak in, lesion_peak_share: how many do):")
     table = site_table(attributions, run.get("tfma", {}).get("metrics", {}), method)
     print(table.to_string())
     print("\n" + site_story(table, method))

@@ -78,6 +78,7 @@ def importance_by_slice(output: str, metric: str, overall_rows: Sequence[dict]) 
     """The slice values whose patch importances differ from overall (``_differs``), by name."""
     rows = _read_rows(join(output, "importance_by_slice.parquet")) or []
     overall = {r["feature"]: r for r in overall_rows}
+    overall_top = _top([r for r in overall_rows if r["feature"].startswith("patch_")])
     per_slice: Dict[str, List[dict]] = {}
     for row in rows:
         if row["metric"] == metric and row["feature"].startswith("patch_"):
@@ -89,16 +90,25 @@ def importance_by_slice(output: str, metric: str, overall_rows: Sequence[dict]) 
                                       for r in per_slice[name]})
         if why and grid:
             top = _top(per_slice[name])
+            here = {r["feature"]: r for r in per_slice[name]}
             out.append({"slice": name, "why": why, "top": top, "patch_grid": grid,
-                        "n": top["n"] if top else None})
+                        "n": top["n"] if top else None,
+                        # this slice's figure for the patch that ranks first overall
+                        "overall_top_here": here.get(overall_top["feature"]) if overall_top
+                        else None})
     return out
 
 
 def importance_slice_sentence(entry: dict, metric: str, overall_top: Optional[dict],
                               grid: tuple) -> Optional[str]:
-    """A finding when another patch ranks first at a slice value than overall."""
-    top = entry["top"]
+    """A finding when another patch ranks first at a slice value than overall, clearly: at that
+    slice value its importance lies above the 95% interval of the patch that ranks first
+    overall (a near tie between two neighbouring patches is no finding)."""
+    top, other = entry["top"], entry.get("overall_top_here")
     if not top or not overall_top or top["feature"] == overall_top["feature"]:
+        return None
+    value, high = as_number(top["importance"]), as_number(other and other["ci_high"])
+    if value is None or high is None or value <= high:
         return None
     region = top["feature"][len("patch_"):]
     return (f"At {entry['slice']}, shuffling {top['feature']} ({attention.region_words(region, grid)}) "
