@@ -47,4 +47,4 @@ bench: venv
 	$(BIN)/python bench/bench_job.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) fashion_output build *.egg-info
