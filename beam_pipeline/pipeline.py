@@ -498,7 +498,8 @@ class ShardImportance(beam.DoFn):
                         for ex in members],
             )
             self.shards.inc()
-            self.forward_images.inc(len(members) * (1 + len(rows)))
+            passes = sum(row["slice"] == importance.OVERALL for row in rows)  # per-slice rows
+            self.forward_images.inc(len(members) * (1 + passes))  # reuse those predictions
             self.msecs.update(int((time.perf_counter() - start) * 1000))
             yield from rows
 
