@@ -133,11 +133,12 @@ def summary_text(audit_dir: str, audit_seconds: float) -> str:
     lines = [f"Audited {counts['examples_ok']:,} of {counts['examples_in']:,} images in "
              f"{audit_seconds:.0f} s ({counts['examples_ok'] / audit_seconds:.1f} images/s); "
              f"audit exit code {run['exit_code']}.",
-             f"Accuracy per split: " + ", ".join(
+             "Accuracy per split: " + ", ".join(
                  f"{name} {stats['accuracy']:.3f}" for name, stats in summary["slices"].items()
                  if name == "overall" or name.startswith("split="))]
     lines += [f"- {finding}" for finding in summary["findings"]]
-    lines.append(f"Compliance report: {os.path.abspath(os.path.join(audit_dir, 'report', 'index.html'))}")
+    report = os.path.abspath(os.path.join(audit_dir, "report", "index.html"))
+    lines.append(f"Compliance report: {report}")
     return "\n".join(lines)
 
 

@@ -38,7 +38,8 @@ def attention_section(output: str, run: dict) -> Optional[dict]:
     shown = slices[:MAX_ATTENTION_SLICES]
     maps = [{"slice": name, "predicted_class": k,
              "class_name": names[k] if 0 <= k < len(names) else str(k),
-             "n": means[name, k][1], "peak_region": attention.attention_region(means[name, k][0], grid),
+             "n": means[name, k][1],
+             "peak_region": attention.attention_region(means[name, k][0], grid),
              "map": means[name, k][0].round(MAP_DECIMALS).tolist()}
             for k in sorted(classes) for name in shown if (name, k) in means]
     slice_columns = list((run.get("data") or {}).get("slice_columns") or [])
@@ -111,7 +112,8 @@ def importance_slice_sentence(entry: dict, metric: str, overall_top: Optional[di
     if value is None or high is None or value <= high:
         return None
     region = top["feature"][len("patch_"):]
-    return (f"At {entry['slice']}, shuffling {top['feature']} ({attention.region_words(region, grid)}) "
+    where = attention.region_words(region, grid)
+    return (f"At {entry['slice']}, shuffling {top['feature']} ({where}) "
             f"costs the most {metric} ({top['importance']:.3f}, 95% interval "
             f"{top['ci_low']:.3f} to {top['ci_high']:.3f}, {top['n']} examples), while overall "
             f"{overall_top['feature']} does: worth checking what that region holds there.")
