@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean browser
+.PHONY: venv demo test bench clean browser fashion-data example-fashion
 
 venv: $(VENV)/.installed
 
@@ -32,8 +32,19 @@ browser:
 test: venv browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
+# Fashion-MNIST (Debian's dataset-fashion-mnist, 70,000 real images) audited whole: not part of
+# `make test` (tests/test_fashion.py runs the same path on a few hundred images).
+fashion-data:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || { \
+		echo "Installing dataset-fashion-mnist (apt-get)" && \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+example-fashion: venv fashion-data
+	$(BIN)/python -m beam_pipeline.fashion_example --output fashion_output
+
 bench: venv
 	$(BIN)/python bench/bench_job.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) fashion_output build *.egg-info

@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attribution methods of the demo audit, as for run [gradcam]")
     demo.add_argument("--layer", default="auto", help="layer(s) of the demo audit, as for run [auto]")
     _add_output_options(demo)
+    demo.add_argument("--no-masks", action="store_true",
+                      help="drop the mask column before the audit: the shortcut must then show "
+                           "in the attention regions, maps and importances per site alone")
     _add_beam_help(demo)
     report = commands.add_parser(
         "report", help="re-render DIR/report/ (index.html, summary.json) from the files in DIR",
@@ -360,7 +363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo_job import run_demo
 
         return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,
-                        methods=args.methods, layer=args.layer, summary=summary)
+                        methods=args.methods, layer=args.layer, summary=summary,
+                        masks=not args.no_masks)
     except AuditError as exc:
         # Long paths, layer names and URIs stay whole (copy-pastable) rather than split.
         message = textwrap.fill(str(exc), width=100, break_long_words=False,

@@ -4,7 +4,7 @@ import json
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -30,11 +30,25 @@ def _add_truncated_scan(manifest_path: str) -> None:
     pd.concat([frame, pd.DataFrame([row])]).to_csv(manifest_path, index=False)
 
 
+def _drop_masks(manifest_path: str) -> None:
+    """The manifest without its mask column (``--no-masks``): the audit then has no masks."""
+    frame = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    frame.drop(columns=["mask"]).to_csv(manifest_path, index=False)
+
+
 def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gradcam"
                ) -> pd.DataFrame:
-    """Per site: examples, accuracy, TFMA's AUC, and where ``method`` looks on lesion scans."""
+    """Per site: examples, accuracy, TFMA's AUC, where ``method`` looks on lesion scans (with
+    masks), and the region most of the site's maps of predicted lesions peak in
+    (``attention_region``; maps of "healthy", the absence of a lesion, say little)."""
     frame = attributions.assign(correct=attributions.label == attributions.predicted_class)
+    for column in (f"{method}_mask_energy", f"{method}_pointing_hit"):
+        if column not in frame:  # no masks: no localization figures
+            frame[column] = float("nan")
     lesions = frame[frame[f"{method}_mask_energy"].notna()]
+    lesion = demo.CLASS_NAMES.index("lesion")
+    regions = frame[frame.predicted_class == lesion].dropna(
+        subset=["attention_region"]).groupby("site").attention_region
     sites = sorted(frame.site.unique())
     auc = {s: tfma_metrics.get(f"site={s}", {}).get("auc") for s in sites}
     table = pd.DataFrame({
@@ -44,6 +58,8 @@ def site_table(attributions: pd.DataFrame, tfma_metrics: dict, method: str = "gr
                          dtype=float),
         "attention_on_lesion": lesions.groupby("site")[f"{method}_mask_energy"].mean(),
         "pointing_hit_rate": lesions.groupby("site")[f"{method}_pointing_hit"].mean(),
+        "lesion_peak_region": regions.agg(lambda r: r.value_counts().idxmax()),
+        "lesion_peak_share": regions.agg(lambda r: r.value_counts(normalize=True).max()),
     })
     return table.round(3)
 
@@ -106,13 +122,25 @@ def demo_max_error_rate(examples: int) -> float:
     """The demo audit's --max-error-rate: the usual default, or the share of its one planted
     unreadable scan among ``examples`` + 1 when that is larger (small demos)."""
     return max(job.AuditRequest.max_error_rate, 1 / (examples + 1))
+def importance_by_site(by_slice_path: str, metric: str) -> Optional[pd.Series]:
+    """Per site, the patch whose shuffling costs the most ``metric`` (importance_by_slice)."""
+    if not os.path.exists(by_slice_path):
+        return None
+    rows = pd.read_parquet(by_slice_path)
+    rows = rows[(rows.metric == metric) & rows.slice.str.startswith("site=")
+                & rows.feature.str.startswith("patch_")]
+    if rows.empty:
+        return None
+    return rows.sort_values(["importance", "feature"], ascending=[False, True]).groupby(
+        "slice").first().apply(lambda r: f"{r.feature} ({r.importance:.3f})", axis=1)
 
 
 def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
              pooling: str = "max", methods: Sequence[str] = ("gradcam",), layer: str = "auto",
-             summary: str = "full") -> int:
+             summary: str = "full", masks: bool = True) -> int:
     """Data, model (``pooling``: its global pooling head), and the audit with ``methods`` at
-    ``layer``; prints the story. Returns 0 when the audit ran (its own exit code is in run.json)."""
+    ``layer`` (``masks`` False: with the mask column dropped); prints the story. Returns 0 when
+    the audit ran (its own exit code is in run.json)."""
     if examples < 12:
         raise OptionError("--examples must be at least 12 (four per site and class).")
     if "://" in output:
@@ -125,6 +153,8 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     LOG.info("Demo model trained in %.1f s (train accuracy %.3f): %s",
              figures["train_seconds"], figures["train_accuracy"], model_path)
     _add_truncated_scan(manifest)  # after training, which reads every scan
+    if not masks:
+        _drop_masks(manifest)
     LOG.info("Demo data: %d scans from 3 sites in %s", examples + 1, data_dir)
     # The demo owns its folder: a second demo replaces the first one's audit.
     request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed,
@@ -148,9 +178,10 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     print(f"  errors:       {os.path.join(output, 'errors')}  ({len(errors)} row(s): "
           f"{', '.join(f'{i} {t}' for i, t in zip(errors.example_id, errors.error_type))})")
     print(f"  run manifest: {os.path.join(output, 'run.json')}")
-    method = "gradcam" if "gradcam" in methods else methods[0]
+    method = methods[0]  # the method of attention_region and attention_by_slice
     print(f"\nPer site (auc from TFMA; attention_on_lesion: share of {method} mass on the lesion "
-          "mask, lesion scans):")
+          "mask, lesion scans, n/a without masks; lesion_peak_region: the 4x4 cell most of the "
+          "site's maps of predicted lesions peak in, lesion_peak_share: how many do):")
     table = site_table(attributions, run.get("tfma", {}).get("metrics", {}), method)
     print(table.to_string())
     print("\n" + site_story(table, method))
@@ -161,6 +192,10 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
               f"lesion sits in the middle, site_c's marker top left); the largest drop is at "
               f"{top[0]}_{top[1]} ({grid.stack().max():.3f}):")
         print(grid.to_string())
+    tops = importance_by_site(os.path.join(output, "importance_by_slice.parquet"), "accuracy")
+    if tops is not None:
+        print("\nThe patch whose shuffling costs the most accuracy, per site:")
+        print(tops.to_string())
     if code == job.EXIT_GATE:
         failed = sorted({g["slice"] for g in run["gates"] if not g["passed"]})
         print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails at {'; '.join(failed)}: the audit "

@@ -25,7 +25,11 @@ from .limits import MAX_PER_CLASS_METRICS
 LABEL, SCORE, PROBABILITIES = "label", "score", "probabilities"
 PREDICTION_CORRECT = "prediction_correct"
 ATTENTION_ON_MASK = "attention_on_mask"
-DERIVED_SLICES = (PREDICTION_CORRECT, ATTENTION_ON_MASK)
+# The attributions' attention_region (attention.py): needs no mask, so every run slices by it.
+# Its metrics mean something (the region is not cut by the model's decision, unlike
+# prediction_correct), so metric_rules treats it as any data column.
+ATTENTION_REGION = "attention_region"
+DERIVED_SLICES = (PREDICTION_CORRECT, ATTENTION_ON_MASK, ATTENTION_REGION)
 # attention_on_mask buckets the share of Grad-CAM mass on the mask relative to the mask's share
 # of the image (1 = attention spread evenly, no preference for the annotated region).
 ATTENTION_EDGES = (1.0, 1.5)
@@ -110,7 +114,8 @@ def complete_eval_config(
                 f"The TFMA config reads {SCORE!r} (binary), but the model has {num_classes} "
                 "classes; use tfma_configs/multiclass.pbtxt."
             )
-    available = set(slice_columns) | {PREDICTION_CORRECT} | ({ATTENTION_ON_MASK} if has_masks else set())
+    available = (set(slice_columns) | {PREDICTION_CORRECT, ATTENTION_REGION}
+                 | ({ATTENTION_ON_MASK} if has_masks else set()))
     for spec in done.slicing_specs:
         unknown = [k for k in spec.feature_keys if k not in available]
         if unknown:
@@ -187,6 +192,7 @@ def tfma_features(row: dict, slice_columns: Sequence[str], attention_method: Opt
         SCORE: probabilities[1] if len(probabilities) == 2 else None,
         PROBABILITIES: probabilities,
         PREDICTION_CORRECT: "true" if row["label"] == row["predicted_class"] else "false",
+        ATTENTION_REGION: row.get(ATTENTION_REGION),
     }
     if attention_method:
         features[ATTENTION_ON_MASK] = attention_bucket(

@@ -27,6 +27,7 @@ METRICS = ("accuracy", "log_loss", "auc")
 DEFAULT_SAMPLE = 2000
 AUC_BUCKETS = 1000  # score histogram resolution; AUC ties within a bucket count half
 LOG_LOSS_EPS = 1e-7
+OVERALL = "overall"  # the slice name of all examples (per-slice rows: "column=value")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,13 @@ class Feature:
         return out
 
 
+def region_name(row: int, col: int) -> str:
+    """A cell of the patch grid: the attention_region values and the patch features' suffix."""
+    return f"r{row}_c{col}"
+
+
 def patch_name(row: int, col: int) -> str:
-    return f"patch_r{row}_c{col}"
+    return f"patch_{region_name(row, col)}"
 
 
 _PATCH_NAME = re.compile(r"patch_r(\d+)_c(\d+)")
@@ -228,11 +234,15 @@ def shard_importance(
     shard: str,
     batch_size: int,
     baseline: Optional[np.ndarray] = None,
+    slices: Optional[Sequence[Sequence[str]]] = None,
 ) -> List[dict]:
     """Raw importance rows of one shard: one per (feature, repeat), with the shard's partials.
 
     ``predict`` maps a batch of images to probabilities; it is called on chunks of at most
     ``batch_size`` so the permuted copies go through the same compiled function as predictions.
+    ``slices`` (per example, its ``column=value`` names) adds rows with the partials of each
+    slice value's examples under the same permutation (``slice`` key; ``overall`` otherwise):
+    the values of one column add up to the overall partials exactly.
     """
     if baseline is None:
         baseline = predict_in_batches(predict, images, batch_size)
@@ -241,9 +251,13 @@ def shard_importance(
     finite = np.isfinite(baseline).all(axis=1)
     if not finite.all():
         images, labels, baseline = images[finite], labels[finite], baseline[finite]
+        slices = [s for s, keep in zip(slices, finite) if keep] if slices else None
     if not len(images):
         return []
+    groups = slice_members(slices or [])
     base = metric_partials(baseline, labels)
+    base_by_slice = {name: metric_partials(baseline[idx], labels[idx])
+                     for name, idx in groups.items()}
     rows = []
     work = images.copy()  # one buffer: each pass rewrites and restores just its block
     for feature in features:
@@ -253,8 +267,22 @@ def shard_importance(
             permuted = predict_in_batches(predict, work, batch_size)
             feature.restore(work, images)
             rows.append({"shard": shard, "feature": feature.name, "repeat": repeat,
-                         "baseline": base, "permuted": metric_partials(permuted, labels)})
+                         "slice": OVERALL, "baseline": base,
+                         "permuted": metric_partials(permuted, labels)})
+            rows += [{"shard": shard, "feature": feature.name, "repeat": repeat, "slice": name,
+                      "baseline": base_by_slice[name],
+                      "permuted": metric_partials(permuted[idx], labels[idx])}
+                     for name, idx in groups.items()]
     return rows
+
+
+def slice_members(slices: Sequence[Sequence[str]]) -> Dict[str, np.ndarray]:
+    """{``column=value``: indices of the examples in it}, from each example's slice names."""
+    members: Dict[str, List[int]] = {}
+    for index, names in enumerate(slices):
+        for name in names:
+            members.setdefault(name, []).append(index)
+    return {name: np.asarray(idx, np.int64) for name, idx in sorted(members.items())}
 
 
 def predict_in_batches(predict, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attribution_methods, baseline, cost, decode, evaluation, importance, layer_sweep,
-               limits, method_registry, metric_rules, model_io, outputs, pipeline, quality,
-               runinfo, sources)
+from . import (attention, attribution_methods, baseline, cost, decode, evaluation, importance,
+               layer_sweep, layout, limits, method_registry, metric_rules, model_io, outputs,
+               pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
 
@@ -274,6 +274,7 @@ def _plan_importance(req: AuditRequest, plan: Plan) -> None:
     cfg.permutation_repeats, cfg.shard_size, cfg.seed = (
         req.permutation_repeats, req.shard_size, req.seed)
     cfg.importance_sample = importance.parse_sample(req.importance_sample)
+    cfg.region_grid = attention.region_grid(features)  # also without labels: no importance
     if not features:
         plan.importance_skipped_because = "--permutation-features none"
     elif not cfg.source.labeled:
@@ -825,6 +826,8 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "beam_counters": counters,
         "tfma": tfma_summary,
         "importance": _importance_summary(plan, counters),
+        "attention": {"method": config.methods[0], "region_grid": list(config.region_grid),
+                      "by_slice": layout.join(config.output, layout.ATTENTION_BY_SLICE)},
         "quality": _quality_summary(plan),
         "gates": gates,
         "verdict_scope": baseline.verdict_scope(req.baseline_gates, config.source.labeled,

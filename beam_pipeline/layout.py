@@ -21,6 +21,8 @@ TFMA = "tfma"
 LAYER_SWEEP = "layer_sweep.parquet"
 LAYER_SWEEP_MAPS = "layer_sweep_maps.parquet"
 SANITY = "sanity.parquet"
+ATTENTION_BY_SLICE = "attention_by_slice.parquet"
+IMPORTANCE_BY_SLICE = "importance_by_slice.parquet"
 REPORT = "report"
 REPORT_INDEX = "index.html"  # under REPORT
 REPORT_SUMMARY = "summary.json"  # under REPORT
@@ -29,7 +31,7 @@ SHARDED = (ATTRIBUTIONS, ERRORS, IMPORTANCE)
 # Every name the audit writes at the top of DIR: a folder holding any of them holds a run.
 OUTPUT_NAMES = (
     RUN_JSON, ATTRIBUTIONS, ERRORS, IMPORTANCE, IMPORTANCE_SUMMARY, TFMA,
-    LAYER_SWEEP, LAYER_SWEEP_MAPS, SANITY, REPORT,
+    LAYER_SWEEP, LAYER_SWEEP_MAPS, SANITY, REPORT, ATTENTION_BY_SLICE, IMPORTANCE_BY_SLICE,
 )
 
 

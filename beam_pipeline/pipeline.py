@@ -18,12 +18,13 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from . import (attribution_methods, cost, decode, evaluation, explainers, importance, layer_sweep,
-               layout, method_registry, model_io, progress, quality, sources)
+from . import (attention, attribution_methods, cost, decode, evaluation, explainers, importance,
+               layer_sweep, layout, method_registry, model_io, progress, quality, sources)
 from . import rows as rows_  # ``rows`` is a common local name in this module
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
-from .schemas import (ERROR_SCHEMA, IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
+from .schemas import (ATTENTION_BY_SLICE_SCHEMA, ERROR_SCHEMA, IMPORTANCE_BY_SLICE_SCHEMA,
+                      IMPORTANCE_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
                       SWEEP_MAPS_SCHEMA, SWEEP_SCHEMA, attribution_schema)
 
 LOG = logging.getLogger("xai_audit")
@@ -68,6 +69,7 @@ class AuditConfig:
     importance_sample: Optional[int] = importance.DEFAULT_SAMPLE
     shard_size: int = 256
     seed: int = 0
+    region_grid: tuple = attention.DEFAULT_GRID  # rows x cols of attention_region's cells
 
     @property
     def labeled(self) -> bool:
@@ -403,7 +405,8 @@ class ExplainBatches(beam.DoFn):
         masks = [ex.mask for ex in examples]
         per_method = [self._method_columns(name, out, masks) for name, out in outs.items()]
         return rows_.attribution_rows(examples, outs, per_method,
-                                      bool(self.config.faithfulness_sample), reference)
+                                      bool(self.config.faithfulness_sample), reference,
+                                      self.config.region_grid)
 
 
 def _method_on_copy(cfg: AuditConfig, name: str, classifier: explainers.Classifier):
@@ -502,9 +505,12 @@ class ShardImportance(beam.DoFn):
                 cfg.seed,
                 shard,
                 cfg.batch_size,
+                slices=[attention.slice_names(ex.slices, cfg.source.slice_types)[1:]
+                        for ex in members],
             )
             self.shards.inc()
-            self.forward_images.inc(len(members) * (1 + len(rows)))
+            passes = sum(row["slice"] == importance.OVERALL for row in rows)  # per-slice rows
+            self.forward_images.inc(len(members) * (1 + passes))  # reuse those predictions
             self.msecs.update(int((time.perf_counter() - start) * 1000))
             counter.add(len(members))
             yield from rows
@@ -545,6 +551,7 @@ class PermutationImportance(beam.PTransform):
         )
         _ = (
             raw
+            | "OverallRows" >> beam.Filter(lambda row: row["slice"] == importance.OVERALL)
             | "ImportanceRecords" >> beam.FlatMap(importance.importance_records)
             | "WriteImportance" >> beam.io.WriteToParquet(
                 layout.writer_prefix(cfg.output, layout.IMPORTANCE), IMPORTANCE_SCHEMA,
@@ -554,14 +561,26 @@ class PermutationImportance(beam.PTransform):
                 record_batch_size=64, row_group_buffer_size=16 << 20)
         )
         # An additive CombineFn, not a GroupByKey: each worker pre-sums its shards, so the
-        # summary holds one accumulator per feature however many shards there are.
-        return (
+        # summary holds one accumulator per (slice, feature) however many shards there are.
+        summaries = (
             raw
-            | "ByFeature" >> beam.Map(lambda row: (row["feature"], row))
+            | "ByFeature" >> beam.Map(lambda row: ((row["slice"], row["feature"]), row))
             | "SumShards" >> beam.CombinePerKey(SumImportancePartials())
-            | "Summarize" >> beam.FlatMapTuple(lambda feature, per_repeat: [
-                importance.summary_of(feature, metric, per_repeat)
+            | "Summarize" >> beam.FlatMapTuple(lambda key, per_repeat: [
+                {"slice": key[0], **importance.summary_of(key[1], metric, per_repeat)}
                 for metric in importance.METRICS])
+        )
+        _ = (
+            summaries
+            | "SliceSummaries" >> beam.Filter(lambda row: row["slice"] != importance.OVERALL)
+            | "WriteBySlice" >> beam.io.WriteToParquet(
+                output_path(cfg.output, "importance_by_slice"), IMPORTANCE_BY_SLICE_SCHEMA,
+                file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+        )
+        return (
+            summaries
+            | "OverallSummaries" >> beam.Filter(lambda row: row["slice"] == importance.OVERALL)
+            | "DropSlice" >> beam.Map(lambda row: {k: v for k, v in row.items() if k != "slice"})
             | "WriteSummary" >> beam.io.WriteToParquet(
                 layout.writer_prefix(cfg.output, layout.IMPORTANCE_SUMMARY), IMPORTANCE_SUMMARY_SCHEMA,
                 file_name_suffix=".parquet", num_shards=1, shard_name_template="")
@@ -740,6 +759,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: AuditConfig) -> None:
             config.eval_config, layout.join(config.output, layout.TFMA), list(spec.slice_types),
             config.methods[0] if spec.has_masks else None,
         )
+    _ = (
+        explained.rows
+        | "AttentionGroups" >> beam.FlatMap(attention.attention_groups, config.methods[0],
+                                            list(spec.slice_types))
+        | "SumAttention" >> beam.CombinePerKey(attention.AttentionSum())
+        | "AttentionRows" >> beam.MapTuple(attention.attention_row)
+        | "WriteAttentionBySlice" >> beam.io.WriteToParquet(
+            output_path(config.output, "attention_by_slice"), ATTENTION_BY_SLICE_SCHEMA,
+            file_name_suffix=".parquet", num_shards=1, shard_name_template="")
+    )
     _ = explained.rows | "WriteAttributions" >> beam.io.WriteToParquet(
         layout.writer_prefix(config.output, layout.ATTRIBUTIONS), schema, file_name_suffix=".parquet"
     )

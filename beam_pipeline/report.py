@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 import jinja2
 import markupsafe
 
-from . import (layout, outputs, report_gallery, report_glossary, report_plots, report_summary,
-               report_text, runinfo)
+from . import (layout, outputs, report_attention, report_gallery, report_glossary, report_plots,
+               report_summary, report_text, runinfo)
 from .errors import ReportError
 from .report_summary import METHOD_NAMES, SliceStats, exists, join
 
@@ -120,15 +120,30 @@ def gather_summary(output: str, run: Optional[dict] = None) -> dict:
         "importance": figures.importance_section(output),
         "faithfulness": figures.faithfulness(stats, run),
         "sanity": figures.sanity(output, run),
+        "attention": report_attention.attention_section(output, run),
     })
     if summary["importance"]:
         summary["importance"]["sample"] = report_text.importance_sample_sentence(
             (run.get("importance") or {}).get("sample"))
+    _importance_by_slice(summary, output, run)
     summary["findings"] = report_text.findings(summary)
     summary["omitted"] = report_text.omitted_notes(run, summary)
     summary["method_notes"] = report_text.method_notes(methods)
     summary["glossary"] = report_glossary.glossary(summary)
     return summary
+
+
+def _importance_by_slice(summary: dict, output: str, run: dict) -> None:
+    """Per-slice patch importances that differ from overall, and a finding where another patch
+    ranks first."""
+    imp = summary.get("importance")
+    if not imp:
+        return
+    imp["by_slice"] = report_attention.importance_by_slice(output, imp["metric"], imp["features"])
+    overall_top = next((r for r in imp["features"] if r["feature"].startswith("patch_")), None)
+    grid = tuple((run.get("attention") or {}).get("region_grid") or (4, 4))
+    imp["slice_findings"] = [s for s in (report_attention.importance_slice_sentence(
+        entry, imp["metric"], overall_top, grid) for entry in imp["by_slice"]) if s]
 
 
 def render_pictures(summary: dict, run: dict, output: str) -> dict:
@@ -148,6 +163,12 @@ def render_pictures(summary: dict, run: dict, output: str) -> dict:
         pictures["importance"] = report_plots.importance_chart(imp["metric"], imp["features"])
         if imp["patch_grid"]:
             pictures["patch_heatmap"] = report_plots.patch_heatmap(imp["metric"], imp["patch_grid"])
+        for entry in imp.get("by_slice") or []:
+            pictures[f"patch_heatmap:{entry['slice']}"] = report_plots.patch_heatmap(
+                imp["metric"], entry["patch_grid"])
+    if summary.get("attention"):
+        pictures["attention_by_slice"] = report_plots.attention_grid(
+            summary["attention"]["maps"], summary["attention"]["grid"])
     if summary.get("sanity"):
         pictures["sanity"] = report_plots.sanity_chart(
             summary["sanity"]["curves"], summary["sanity"]["judged_step"],

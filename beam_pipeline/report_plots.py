@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display on workers, CI machines or launchers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 THUMBNAIL_PX = 128
@@ -129,6 +130,48 @@ def patch_heatmap(metric: str, grid: Sequence[Sequence[Optional[float]]]) -> str
     ax.set_yticks(range(rows), [f"r{r}" for r in range(rows)])
     fig.colorbar(image, ax=ax, label=metric, fraction=0.046)
     return _figure_uri(fig)
+
+
+def attention_grid(maps: Sequence[dict], grid: Sequence[int]) -> str:
+    """Mean maps, a row per predicted class and a column per slice value, one colour scale per
+    row so a row's slice values compare (a class whose maps are a single bright pixel would
+    leave every other row black on one scale for all). The attention-region grid is drawn over
+    each map and the cell of its peak outlined."""
+    classes = list(dict.fromkeys(m["predicted_class"] for m in maps))
+    slices = list(dict.fromkeys(m["slice"] for m in maps))
+    fig, axes = plt.subplots(len(classes), len(slices), squeeze=False,
+                             figsize=(2.1 * len(slices) + 1.0, 2.3 * len(classes)))
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, k in enumerate(classes):
+        entries = [m for m in maps if m["predicted_class"] == k]
+        top = max(float(np.max(m["map"])) for m in entries) or 1.0
+        image = None
+        for entry in entries:
+            ax = axes[row, slices.index(entry["slice"])]
+            image = _attention_map(ax, entry, grid, top)
+        fig.colorbar(image, ax=list(axes[row]), fraction=0.02,
+                     label=f"predicted {_short(str(entries[0]['class_name']), 16)}")
+    return _figure_uri(fig)
+
+
+def _attention_map(ax, entry: dict, grid: Sequence[int], top: float):
+    values = np.asarray(entry["map"], float)
+    height, width = values.shape
+    ax.axis("on")
+    image = ax.imshow(values, cmap=_COLORMAP, vmin=0.0, vmax=top, extent=(0, width, height, 0))
+    for i in range(1, grid[0]):
+        ax.axhline(i * height / grid[0], color="white", linewidth=0.5, alpha=0.6)
+    for j in range(1, grid[1]):
+        ax.axvline(j * width / grid[1], color="white", linewidth=0.5, alpha=0.6)
+    if entry.get("peak_region"):
+        r, c = (int(part[1:]) for part in entry["peak_region"].split("_"))
+        ax.add_patch(Rectangle((c * width / grid[1], r * height / grid[0]), width / grid[1],
+                               height / grid[0], fill=False, edgecolor="cyan", linewidth=1.5))
+    ax.set_title(f"{_short(entry['slice'], 24)}\nn={entry['n']:,}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return image
 
 
 def sanity_chart(curves: Dict[str, List[dict]], judged_step: Dict[str, int],

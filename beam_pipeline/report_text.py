@@ -178,6 +178,8 @@ def findings(summary: dict) -> List[str]:
         top = [f"{r['feature']} ({as_number(r['importance']):.3f})" for r in imp["features"][:3]]
         out.append(f"Shuffling {top[0]} costs the most {imp['metric']}; then "
                    f"{', '.join(top[1:])}.")
+    out += (summary.get("attention") or {}).get("findings") or []
+    out += (imp or {}).get("slice_findings") or []
     out += _faithfulness_findings(summary.get("faithfulness"))
     for method, result in ((summary.get("sanity") or {}).get("verdicts") or {}).items():
         if result["flagged"] or not result.get("judged", True):
@@ -239,6 +241,8 @@ def omitted_notes(run: dict, summary: dict) -> Dict[str, str]:
     if not summary.get("importance"):
         reason = (run.get("importance") or {}).get("skipped_because") or "no importance summary"
         notes["importance"] = f"Permutation importance was not computed: {reason}."
+    if not summary.get("attention"):
+        notes["attention"] = "No attention_by_slice.parquet: no example was audited with a map."
     if not summary.get("faithfulness"):
         notes["faithfulness"] = "Faithfulness was not measured (--faithfulness-sample 0)."
     if not summary.get("sanity"):

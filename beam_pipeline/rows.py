@@ -67,10 +67,12 @@ def finite_outputs(outs: Dict[str, Dict[str, np.ndarray]], i: int) -> bool:
 
 def attribution_rows(examples: List[DecodedExample], outs: Dict[str, Dict[str, np.ndarray]],
                      per_method: List[List[dict]], faithfulness: bool,
-                     reference: Optional[Dict[int, tuple]] = None) -> List[dict]:
+                     reference: Optional[Dict[int, tuple]] = None,
+                     region_grid: Optional[Sequence[int]] = None) -> List[dict]:
     """One attribution row per example (``per_method``: ``method_columns`` of each method), or
     a ``non_finite_output`` error row; ``reference``: {index: (deletion, insertion)} of the
-    seeded random map for the sampled examples."""
+    seeded random map for the sampled examples; ``region_grid``: (rows, cols) of the
+    ``attention_region`` cell holding the first method's peak (None: no such column)."""
     first = next(iter(outs.values()))
     rows = []
     for i, ex in enumerate(examples):
@@ -88,9 +90,21 @@ def attribution_rows(examples: List[DecodedExample], outs: Dict[str, Dict[str, n
         }
         for columns in per_method:
             row.update(columns[i])
+        if region_grid is not None:
+            row["attention_region"] = _attention_region(per_method[0][i], region_grid)
         if faithfulness:
             row["random_deletion_auc"], row["random_insertion_auc"] = (
                 (reference or {}).get(i, (None, None)))
         row.update(ex.slices)
         rows.append(row)
     return rows
+
+
+def _attention_region(first_method_columns: dict, region_grid: Sequence[int]) -> str:
+    """The region of the first method's map as written (``attention.attention_region``)."""
+    from . import attention
+
+    name = next(k for k in first_method_columns if k + "_shape" in first_method_columns)
+    shape = first_method_columns[name + "_shape"]
+    return attention.attention_region(np.asarray(first_method_columns[name]).reshape(shape),
+                                      region_grid)

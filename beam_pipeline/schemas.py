@@ -44,6 +44,8 @@ def attribution_schema(slice_types: Dict[str, str], has_masks: bool,
                 (f"{method}_pointing_hit", pa.bool_()),
                 (f"{method}_iou", pa.float32()),
             ]
+    # The cell of the patch grid holding most of the first method's map mass (attention.py).
+    fields.append(("attention_region", pa.string()))
     if faithfulness:  # the same measures for a seeded random map: the reference
         fields += [("random_deletion_auc", pa.float32()), ("random_insertion_auc", pa.float32())]
     if has_masks:
@@ -88,6 +90,19 @@ IMPORTANCE_SUMMARY_SCHEMA = pa.schema(
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
         ("n", pa.int64()),
+    ]
+)
+
+# importance_summary's figures per slice value ("column=value"), combined the same way.
+IMPORTANCE_BY_SLICE_SCHEMA = pa.schema([("slice", pa.string()), *IMPORTANCE_SUMMARY_SCHEMA])
+
+ATTENTION_BY_SLICE_SCHEMA = pa.schema(
+    [
+        ("slice", pa.string()),  # "overall" or "column=value"
+        ("predicted_class", pa.int64()),
+        ("map", pa.list_(pa.float32())),  # the mean of the maps scaled to unit mass, row-major
+        ("shape", pa.list_(pa.int32())),
+        ("n", pa.int64()),  # maps averaged (maps with no positive mass are left out)
     ]
 )
 

@@ -9,6 +9,7 @@ import pandas as pd
 from beam_pipeline import cli
 
 BASE_COLUMNS = {"example_id", "label", "predicted_class", "probabilities", "target_class",
+                "attention_region",
                 "gradcam", "gradcam_shape", "gradcam_layer",
                 "gradcam_deletion_auc", "gradcam_insertion_auc",  # faithfulness: sampled rows
                 "random_deletion_auc", "random_insertion_auc"}  # and its random-map reference

@@ -69,3 +69,42 @@ def test_demo_end_to_end_through_the_cli(tmp_path):
     assert summary["galleries"][0]["slice"] == "site=site_c"
     html = report_path.read_text()
     assert html.count('<figure class="thumb">') >= 30 and "map only" not in html
+
+
+def test_demo_without_masks_still_points_at_site_c_corner(tmp_path):
+    """With the mask column dropped, the attention regions, the mean maps per site and the
+    per-site permutation importance each name site_c's top-left corner (issue 15)."""
+    out = tmp_path / "demo"
+    script = os.path.join(os.path.dirname(sys.executable), "xai-audit")
+    proc = subprocess.run([script, "demo", "--output", str(out), "--no-masks"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attributions = pd.read_parquet(out / "attributions")
+    run = json.loads((out / "run.json").read_text())
+    assert not run["data"]["has_masks"] and not (set(attributions.columns) & MASK_COLUMNS)
+    assert "attention_on_mask=high" not in run["tfma"]["metrics"]
+    assert "attention_region=r0_c0" in run["tfma"]["metrics"]  # a TFMA slice without masks
+
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    # 1. The mean map of predicted lesions peaks top left at site_c, elsewhere not.
+    lesion = [m for m in summary["attention"]["maps"] if m["class_name"] == "lesion"]
+    peaks = {m["slice"]: m["peak_region"] for m in lesion}
+    assert peaks["site=site_c"] == "r0_c0"
+    assert peaks["site=site_a"] != "r0_c0" and peaks["site=site_b"] != "r0_c0"
+    # 2. The region finding names site_c and r0_c0.
+    found = summary["attention"]["region_findings"]
+    assert [(f["slice"], f["region"]) for f in found] == [("site=site_c", "r0_c0")]
+    assert any(f.startswith("At site=site_c, ") and "peak in r0_c0 (top left)" in f
+               for f in summary["findings"])
+    # 3. Per-site importance: the corner ranks first at site_c only.
+    by_slice = pd.read_parquet(out / "importance_by_slice.parquet")
+    accuracy = by_slice[(by_slice.metric == "accuracy") & by_slice.feature.str.startswith("patch_")]
+    tops = accuracy.sort_values("importance").groupby("slice").feature.last()
+    assert tops["site=site_c"] == "patch_r0_c0"
+    assert tops["site=site_a"] != "patch_r0_c0" and tops["site=site_b"] != "patch_r0_c0"
+    assert any(f.startswith("At site=site_c, shuffling patch_r0_c0 (top left) costs the most")
+               for f in summary["findings"])
+    html = (out / "report" / "index.html").read_text()
+    assert 'alt="patch importance heatmap at site=site_c"' in html
+    assert "Attention by slice" in html
+    assert "site=site_c" in proc.stdout and "patch_r0_c0" in proc.stdout
