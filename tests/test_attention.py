@@ -125,9 +125,11 @@ def test_per_slice_importance_partials_add_up_to_the_overall_figures():
     for row in rows:
         if row["feature"] == "patch_r0_c0" and row["slice"].startswith("site="):
             importance.add_row(per_repeat, row)
-    direct = importance.summarize(
-        "patch_r0_c0", "accuracy",
-        [r for r in rows if r["feature"] == "patch_r0_c0" and r["slice"] == "overall"])
+    overall = {}
+    for row in rows:
+        if row["feature"] == "patch_r0_c0" and row["slice"] == "overall":
+            importance.add_row(overall, row)
+    direct = importance.summary_of("patch_r0_c0", "accuracy", overall)
     assert importance.summary_of("patch_r0_c0", "accuracy", per_repeat) == direct
 
 

@@ -2,6 +2,7 @@
 patch exactly zero; the job's combined figures equal one direct computation over the same
 permutations; runner modes agree; shards of size 1 and a final partial shard are handled."""
 import json
+import logging
 
 import keras
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 
 from beam_pipeline import cli, decode, importance, quality
-from conftest import write_png
+from conftest import LogLines, write_png
 
 SIZE = 16  # a 4x4 grid of 4x4-pixel patches
 
@@ -53,9 +54,14 @@ def audit(tmp_path, model, data, name, *extra):
     return out
 
 
-def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data, capfd):
+def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data):
     model = one_patch_model(tmp_path / "m.keras")
-    out = audit(tmp_path, model, patch_data, "out", "--shard-size", "16")
+    log = LogLines()
+    logging.getLogger("xai_audit").addHandler(log)
+    try:
+        out = audit(tmp_path, model, patch_data, "out", "--shard-size", "16")
+    finally:
+        logging.getLogger("xai_audit").removeHandler(log)
     summary = pd.read_parquet(out / "importance_summary.parquet")
     assert len(summary) == 16 * 3 and set(summary.metric) == {"accuracy", "log_loss", "auc"}
     for metric in ("accuracy", "log_loss", "auc"):
@@ -74,7 +80,7 @@ def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data, capfd):
     assert estimate["importance"] == {"examples": 40, "forward": 40 * 49, "backward": 0}
     assert estimate["explain"]["forward"] == 40 and estimate["faithfulness"]["examples"] == 40
     assert ("Cost estimate, importance: 1,960 forward and 0 backward image passes on 40 "
-            "examples.") in capfd.readouterr().err
+            "examples.") in log.lines
     busy = run["cost"]["stage_busy_s"]
     assert all(busy[stage] > 0 for stage in ("explain", "importance", "faithfulness", "sanity"))
 
