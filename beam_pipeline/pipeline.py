@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from . import (attention, attribution_methods, cost, decode, evaluation, explainers, importance,

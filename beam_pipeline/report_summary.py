@@ -7,10 +7,8 @@ localization, layer sweep, importance, faithfulness, sanity). Plain Python, no r
 Only the small columns of the attribution files are read (Parquet column projection), batch by
 batch: memory does not grow with the number of examples.
 """
-import math
 from typing import Dict, List, Optional, Sequence
 
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from . import evaluation, importance, layout, method_registry, metric_rules, results, runinfo
@@ -46,14 +44,9 @@ _read_rows = runinfo.read_rows  # one reader of the single-file tables
 
 
 def as_number(value) -> Optional[float]:
-    """A finite float, or None (TFMA writes "NaN" strings and nulls)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    """A finite float, or None (TFMA writes "NaN" strings and nulls); unlike
+    ``metric_rules.finite`` a ``{value, ci_low, ci_high}`` record is not a number here."""
+    return None if isinstance(value, dict) else metric_rules.finite(value)
 
 
 def _mean(total: float, count: int) -> Optional[float]:
