@@ -41,7 +41,12 @@ def slice_label(column: str, value: Any) -> str:
     """The slice of the examples whose ``column`` is ``value``: "column=value", as TFMA names it."""
     if isinstance(value, bytes):
         value = value.decode()
-    return f"{column}={value}"
+    return f"{slice_prefix(column)}{value}"
+
+
+def slice_prefix(column: str) -> str:
+    """What the name of every slice of ``column`` starts with."""
+    return f"{column}="
 
 
 def slice_name(slice_key: Tuple) -> str:

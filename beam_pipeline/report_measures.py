@@ -5,6 +5,7 @@ permutation importance. Read from the scan's ``SliceStats`` and the small Parque
 from typing import Dict, List, Optional
 
 from . import importance, layout, method_registry, results
+from .metric_rules import OVERALL
 from .paths import join
 from .report_metrics import MAX_SLICE_ROWS
 from .report_scan import SliceStats, as_number, worst_slices
@@ -16,12 +17,12 @@ METHOD_NAMES = method_registry.display_names()
 def localization(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
     """Per method, overall and per data slice: mask energy, its lift over the mask's area,
     pointing-game rate, IoU. None without masks."""
-    if not run.get("data", {}).get("has_masks") or "overall" not in stats:
+    if not run.get("data", {}).get("has_masks") or OVERALL not in stats:
         return None  # no masks, or nothing audited
     methods = run.get("model", {}).get("methods") or ["gradcam"]
     slice_columns = list(run.get("data", {}).get("slice_columns") or [])
     rows = []
-    for name in ["overall", *sorted(worst_slices(stats, slice_columns, MAX_SLICE_ROWS))]:
+    for name in [OVERALL, *sorted(worst_slices(stats, slice_columns, MAX_SLICE_ROWS))]:
         figures = stats[name].as_dict(methods)
         if figures["with_mask"]:
             rows.append({"slice": name, **figures})
@@ -32,10 +33,10 @@ def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
     """Per method, mean deletion / insertion AUC over the sampled examples, beside the same
     measures for a seeded random map on the same examples (``reference``), and the sample size
     asked for against the one used."""
-    if "overall" not in stats:
+    if OVERALL not in stats:
         return None
     methods = run.get("model", {}).get("methods") or ["gradcam"]
-    overall = stats["overall"]
+    overall = stats[OVERALL]
     figures = overall.as_dict(methods)
     rows = [{"method": m, "deletion_auc": figures[m]["deletion_auc"],
              "insertion_auc": figures[m]["insertion_auc"], "n": figures[m]["faithfulness_n"]}
@@ -154,7 +155,7 @@ def layer_sweep_summary(output: str) -> Optional[dict]:
     rows = read_rows(join(output, layout.LAYER_SWEEP))
     if not rows:
         return None
-    overall = sorted((r for r in rows if r["slice"] == "overall"), key=lambda r: r["depth"] or 0)
+    overall = sorted((r for r in rows if r["slice"] == OVERALL), key=lambda r: r["depth"] or 0)
     for row in overall:
         row["lift"] = results.sweep_lift(row)
     return {"overall": overall, "best_layer": results.best_sweep_layer(overall)}

@@ -4,7 +4,7 @@ metric), metrics that mean nothing there shown as n/a (``metric_rules``), and be
 from typing import Dict, List, Optional, Sequence
 
 from . import metric_rules
-from .metric_rules import ATTENTION_ON_MASK, PREDICTION_CORRECT
+from .metric_rules import ATTENTION_ON_MASK, OVERALL, PREDICTION_CORRECT, slice_prefix
 from .report_scan import SliceStats, as_number
 
 MAX_METRIC_COLUMNS = 10
@@ -100,7 +100,7 @@ def metrics_summary(tfma: dict, slice_columns: Sequence[str], has_masks: bool,
     for column in shown:
         rows = [_slice_row(name, metrics, columns, stats, min_slice_size)
                 for name, metrics in table.items()
-                if name.startswith(f"{column}=") and "," not in name]
+                if name.startswith(slice_prefix(column)) and "," not in name]
         if not rows:
             continue
         rows.sort(key=lambda r: (_value(r, primary) is None, _value(r, primary) or 0.0,
@@ -110,13 +110,13 @@ def metrics_summary(tfma: dict, slice_columns: Sequence[str], has_masks: bool,
                           "slices": rows[:MAX_SLICE_ROWS],
                           "slices_not_shown": max(0, len(rows) - MAX_SLICE_ROWS),
                           "gaps": {} if derived else _gaps(rows, columns)})
-    overall = table.get("overall")
+    overall = table.get(OVERALL)
     return {
         "columns": columns,
         "primary": primary,
         "confidence_intervals": bool(tfma.get("confidence_intervals")),
         "min_slice_size": min_slice_size,
-        "overall": _slice_row("overall", overall, columns, stats) if overall else None,
+        "overall": _slice_row(OVERALL, overall, columns, stats) if overall else None,
         "by_column": by_column,
         "all_metrics_in": "run.json: tfma.metrics",
     }

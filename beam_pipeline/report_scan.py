@@ -8,7 +8,8 @@ batch: memory does not grow with the number of examples.
 from typing import Dict, List, Optional, Sequence
 
 from . import metric_rules, runinfo
-from .metric_rules import ATTENTION_ON_MASK, PREDICTION_CORRECT, attention_bucket, lift, slice_label
+from .metric_rules import (ATTENTION_ON_MASK, OVERALL, PREDICTION_CORRECT, attention_bucket, lift,
+                           slice_label)
 
 # The faithfulness reference: the same measures for a seeded random map on the same examples.
 RANDOM_FAITHFULNESS = ("random_deletion_auc", "random_insertion_auc")
@@ -119,11 +120,11 @@ def scan_attributions(paths: Sequence[str], run: dict, picker=None) -> Dict[str,
     attention = first if run.get("data", {}).get("has_masks") else None
     for row in runinfo.iter_rows(paths, columns):
         data, derived = _slice_groups(row, slice_columns, attention)
-        for group in ["overall", *data, *derived]:
+        for group in [OVERALL, *data, *derived]:
             stats.setdefault(group, SliceStats()).add_row(row, methods)
         if picker is not None:
             candidate = {**row, "lift": _lift(row, first)}
-            for group in (data if slice_columns else ["overall"]):
+            for group in (data if slice_columns else [OVERALL]):
                 picker.add(group, candidate)
     return stats
 

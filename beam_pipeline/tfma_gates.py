@@ -199,7 +199,7 @@ def slice_gap_gates(
     ``min_slice_size`` examples (TFMA's example_count) are left out of its gap."""
     gates = []
     for column in slice_columns:
-        prefix = f"{column}="
+        prefix = metric_rules.slice_prefix(column)
         slices = {name: m for name, m in table.items() if name.startswith(prefix) and "," not in name
                   and (_scalar(m.get("example_count")) or 0) >= min_slice_size}
         for metric, bound in gaps.items():
