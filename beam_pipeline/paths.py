@@ -52,6 +52,7 @@ def resolve(base_dir: str, path: str) -> str:
     """``path`` as written in a manifest: relative ones are under ``base_dir``."""
     if "://" in path or os.path.isabs(path):
         return path
+    # Not ``join``: a manifest in / has base_dir "/", which join's rstrip would empty.
     return FileSystems.join(base_dir, path)
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from . import __version__
-from .paths import exists
+from .paths import exists, join
 
 LIBRARIES = (
     "tensorflow", "keras", "tf-keras", "apache-beam", "tensorflow-model-analysis", "tfx-bsl",
@@ -41,7 +41,7 @@ def library_versions() -> Dict[str, Optional[str]]:
 
 
 def parquet_files(folder: str) -> List[str]:
-    pattern = FileSystems.join(folder.rstrip("/"), "*.parquet")
+    pattern = join(folder, "*.parquet")
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 

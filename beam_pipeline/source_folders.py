@@ -13,7 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from .errors import DataSourceError
 from .outputs import RUN_JSON, STAGING_PREFIX
-from .paths import is_dir, special_kind
+from .paths import is_dir, join, special_kind
 from .records import ExampleRef
 from .source_spec import ColumnNames, SourceSpec
 
@@ -89,7 +89,7 @@ def _list_class_folders(root: str) -> List[Tuple[str, str, int]]:
     """(class name, file path, size) for every non-hidden file one level below the class folders."""
     if "://" not in root:
         return sorted(_list_local_class_folders(root), key=lambda item: item[1])
-    pattern = FileSystems.join(root.rstrip("/"), "*", "*")
+    pattern = join(root, "*", "*")
     found = []
     for meta in FileSystems.match([pattern])[0].metadata_list:
         rel = meta.path[len(root.rstrip("/")) + 1 :].replace(os.sep, "/")
