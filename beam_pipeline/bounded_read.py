@@ -10,7 +10,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from .errors import ExampleError
-from .paths import exists, is_inside, scheme, special_kind
+from .paths import exists, is_inside, is_remote, scheme, special_kind
 from .source_spec import ReadLimits
 
 # After this many reads in a row from one file system time out, the next ones are not tried: a
@@ -34,7 +34,7 @@ def _read_local(path: str, what: str, limits: ReadLimits, root: Optional[str]) -
         raise ExampleError("read", error_type,
                            f"The {what} file {path} is {special}, not a regular file.")
     real = os.path.realpath(path)
-    if root is not None and "://" not in root and not is_inside(os.path.realpath(root), real):
+    if root is not None and not is_remote(root) and not is_inside(os.path.realpath(root), real):
         raise ExampleError(
             "read", "path_outside_data",
             f"The {what} file {path} resolves (through symbolic links) to {real}, outside the "
@@ -112,7 +112,7 @@ def read_file(path: str, what: str, limits: Optional[ReadLimits] = None,
             f"The {what} file {path} was not read: the last {TIMEOUTS_BEFORE_GIVING_UP} reads "
             f"from {fs_name} on this worker each took longer than {limits.timeout_s:g} s "
             "(--read-timeout). Check that the file system is reachable and authorized.")
-    if "://" in path:
+    if is_remote(path):
         call = lambda: _read_remote(path, what, limits)  # noqa: E731
     else:
         call = lambda: _read_local(path, what, limits, root)  # noqa: E731

@@ -35,7 +35,7 @@ def read_bytes(path: str) -> bytes:
 
 
 def is_dir(uri: str) -> bool:
-    if "://" not in uri:
+    if not is_remote(uri):
         return os.path.isdir(uri)
     return bool(FileSystems.match([uri.rstrip("/") + "/*"], limits=[1])[0].metadata_list)
 
@@ -50,7 +50,7 @@ def exists(uri: str) -> bool:
 
 def resolve(base_dir: str, path: str) -> str:
     """``path`` as written in a manifest: relative ones are under ``base_dir``."""
-    if "://" in path or os.path.isabs(path):
+    if is_remote(path) or os.path.isabs(path):
         return path
     # Not ``join``: a manifest in / has base_dir "/", which join's rstrip would empty.
     return FileSystems.join(base_dir, path)
@@ -58,22 +58,22 @@ def resolve(base_dir: str, path: str) -> str:
 
 def normalized(path: str) -> str:
     """``path`` with ``.`` and ``..`` segments folded (lexically; symlinks are not followed)."""
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(rest)}"
+    if is_remote(path):
+        prefix, rest = path.split("://", 1)
+        return f"{prefix}://{posixpath.normpath(rest)}"
     return os.path.normpath(path)
 
 
 def is_inside(base_dir: str, path: str) -> bool:
     """Whether ``path`` lies in ``base_dir`` or below it, after folding ``..`` segments."""
     base, target = normalized(base_dir).rstrip("/" + os.sep), normalized(path)
-    sep = "/" if "://" in base else os.sep
+    sep = "/" if is_remote(base) else os.sep
     return target.startswith(base + sep)
 
 
 def parent(uri: str) -> str:
     """The folder holding ``uri`` (local paths made absolute first)."""
-    return posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
+    return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(os.path.abspath(uri))
 
 
 _SPECIAL_KINDS = (
@@ -103,4 +103,4 @@ def special_kind(path: str) -> Optional[str]:
 
 def scheme(path: str) -> str:
     """``gs://`` for a URI, ``local files`` for a local path (names a file system in messages)."""
-    return path.split("://", 1)[0] + "://" if "://" in path else "local files"
+    return path.split("://", 1)[0] + "://" if is_remote(path) else "local files"

@@ -13,7 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from .errors import DataSourceError
 from .outputs import RUN_JSON, STAGING_PREFIX
-from .paths import is_dir, join, special_kind
+from .paths import is_dir, is_remote, join, special_kind
 from .records import ExampleRef
 from .source_spec import ColumnNames, SourceSpec
 
@@ -87,7 +87,7 @@ def _scandir(folder: str) -> List[os.DirEntry]:
 
 def _list_class_folders(root: str) -> List[Tuple[str, str, int]]:
     """(class name, file path, size) for every non-hidden file one level below the class folders."""
-    if "://" not in root:
+    if not is_remote(root):
         return sorted(_list_local_class_folders(root), key=lambda item: item[1])
     pattern = join(root, "*", "*")
     found = []
@@ -104,7 +104,7 @@ def _not_a_folder_error(uri: str) -> DataSourceError:
     """--data that is no folder: say what it is rather than "does not exist"."""
     advice = ("Give a folder of class subfolders, a manifest .csv/.parquet, or a TFRecord glob "
               "(*.tfrecord).")
-    if "://" not in uri and os.path.lexists(uri):
+    if not is_remote(uri) and os.path.lexists(uri):
         what = special_kind(uri)
         if what is None:
             what = "a file, not a folder"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataSourceError
-from .paths import exists, is_inside, parent, read_bytes, resolve, special_kind
+from .paths import exists, is_inside, is_remote, parent, read_bytes, resolve, special_kind
 from .records import ExampleRef, error_row
 from .slice_choice import choose_slices
 from .source_spec import ColumnNames, SourceSpec, native
@@ -86,7 +86,7 @@ def _read_parquet(data: bytes, columns: ColumnNames) -> pd.DataFrame:
 
 
 def _read_manifest(uri: str, columns: ColumnNames) -> pd.DataFrame:
-    special = special_kind(uri) if "://" not in uri else None
+    special = special_kind(uri) if not is_remote(uri) else None
     if special is not None:
         raise DataSourceError(f"The manifest {uri} is {special}, not a regular file.")
     try:
