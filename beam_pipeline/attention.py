@@ -17,7 +17,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import apache_beam as beam
 import numpy as np
 
-from .importance import OVERALL, patch_grid, region_name
+from .importance import patch_grid, region_name
+from .metric_rules import OVERALL, slice_label
 
 DEFAULT_GRID = (4, 4)  # the grid when --permutation-features has no patches:RxC
 # A slice value's share of maps peaking in a region must exceed the other values' share by at
@@ -74,7 +75,7 @@ def region_words(region: str, grid: Tuple[int, int]) -> str:
 def slice_names(row: dict, slice_columns: Sequence[str]) -> List[str]:
     """``overall`` and ``column=value`` for each slice column with a value (TFMA's and the
     report's naming; an example without a value is in no slice of that column, as in TFMA)."""
-    return [OVERALL, *(f"{column}={row[column]}" for column in slice_columns
+    return [OVERALL, *(slice_label(column, row[column]) for column in slice_columns
                        if row.get(column) is not None)]
 
 

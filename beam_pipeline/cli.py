@@ -17,7 +17,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the 
 
 from . import __version__, method_registry  # noqa: E402
 from .errors import AuditError  # noqa: E402
-from .importance import DEFAULT_SAMPLE as DEFAULT_IMPORTANCE_SAMPLE  # noqa: E402
 
 EPILOG = (
     "Beam pipeline options pass through, e.g. --runner DataflowRunner --project P --region R "
@@ -114,99 +113,134 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
                              "messages; warning shows problems only [info]")
 
 
-def _add_run_options(run: argparse.ArgumentParser) -> None:
-    from .decode import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_MODES
-    from .sources import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT_S
+# The run options' defaults are AuditRequest's (job.py), the one place they are written: the
+# parser leaves an option it was not given at None and _request_from_args lets the dataclass
+# fill it in. (Reading the dataclass here would import TensorFlow for `xai-audit --help` and
+# `xai-audit report`.) The [default] in each help text is checked against it by a test.
 
+
+def _add_data_options(run: argparse.ArgumentParser) -> None:
+    """Where the model, the data and the outputs are, and which columns mean what."""
     run.add_argument("--model", required=True, type=_path,
                      help=".keras, .h5, or a SavedModel directory")
     run.add_argument("--data", required=True, type=_path,
                      help="a folder of class subfolders, a manifest .csv/.parquet, or a TFRecord glob")
     run.add_argument("--output", required=True, type=_path,
                      help="folder for every output (local or gs://)")
-    run.add_argument("--image-column", default="image", help="manifest/tf.Example image key [image]")
-    run.add_argument("--label-column", default="label", help="label key [label]")
-    run.add_argument("--mask-column", default="mask", help="ground-truth mask key [mask]")
-    run.add_argument("--id-column", default="id", help="example id key [id]")
-    run.add_argument("--slice-columns", type=_comma_list, default=None,
+    run.add_argument("--image-column", help="manifest/tf.Example image key [image]")
+    run.add_argument("--label-column", help="label key [label]")
+    run.add_argument("--mask-column", help="ground-truth mask key [mask]")
+    run.add_argument("--id-column", help="example id key [id]")
+    run.add_argument("--slice-columns", type=_comma_list,
                      help="columns carried to every output and sliced on [all other manifest "
                           "columns; those with more than 50 distinct values are carried, not "
                           "sliced]")
-    run.add_argument("--slice-bins", action="append", default=None, metavar="COLUMN=EDGES",
+    run.add_argument("--slice-bins", action="append", metavar="COLUMN=EDGES",
                      help="slice a numeric column into half-open bins, e.g. age=0,40,65,120 "
                           "(slice column age_bin: [0,40), ..., out_of_range); repeatable")
-    run.add_argument("--class-names", type=_comma_list, default=None,
+    run.add_argument("--class-names", type=_comma_list,
                      help="names for class indices [folder names / manifest label strings]")
-    run.add_argument("--preprocess", choices=PREPROCESS_MODES, default="unit",
+
+
+def _add_explain_options(run: argparse.ArgumentParser) -> None:
+    """How the model is fed and which maps are computed."""
+    from .decode import PREPROCESS_MODES
+
+    run.add_argument("--preprocess", choices=PREPROCESS_MODES,
                      help="pixel scaling the model expects [unit: /255]")
-    run.add_argument("--methods", type=_method_list, default=["gradcam"],
+    run.add_argument("--methods", type=_method_list,
                      help=f"comma list of {', '.join(method_registry.NAMES)} [gradcam]")
-    run.add_argument("--map-size", type=_int_at_least(1), default=56,
+    run.add_argument("--map-size", type=_int_at_least(1),
                      help="input-resolution maps are average-pooled to at most this size [56]")
     for option in method_registry.OPTIONS.values():  # --gradcam-activation, --ig-steps, ...
         run.add_argument(option.flag, type=_option_type(option), default=option.default,
                          choices=option.choices or None, help=f"{option.help} [{option.default}]")
-    run.add_argument("--layer", default="auto",
+    run.add_argument("--layer",
                      help="auto (last 4-D layer, nested models searched), a layer name, a comma "
                           "list, or all (Grad-CAM sweep over every 4-D layer) [auto]")
-    run.add_argument("--target", default="predicted",
+    run.add_argument("--target",
                      help="class to explain: predicted, label, or a class index [predicted]")
-    run.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per model call [32]")
-    run.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice [0]")
-    run.add_argument("--max-error-rate", type=_float_in(0.0, 1.0), default=0.01,
-                     help="share of examples that may fail before the run fails (exit 4) [0.01]")
-    run.add_argument("--unsafe-deserialization", action="store_true",
-                     help="load models (.keras, .h5 or SavedModel) holding Python code, e.g. "
-                          "Lambda layers: runs code from the file; refused without it")
-    run.add_argument("--image-size", default=None,
+    run.add_argument("--batch-size", type=_int_at_least(1), help="images per model call [32]")
+    run.add_argument("--seed", type=_int_at_least(0), help="seed of every random choice [0]")
+    run.add_argument("--image-size",
                      help="HxW to resize to, for models without a fixed input size")
-    run.add_argument("--tfma-config", default=None,
+
+
+def _add_gate_options(run: argparse.ArgumentParser) -> None:
+    """What fails the run: the error rate, TFMA's thresholds, slice gaps, the default gates."""
+    run.add_argument("--max-error-rate", type=_float_in(0.0, 1.0),
+                     help="share of examples that may fail before the run fails (exit 4) [0.01]")
+    run.add_argument("--tfma-config",
                      help="text-format TFMA EvalConfig, or none to skip TFMA "
                           "[tfma_configs/binary.pbtxt or multiclass.pbtxt by the number of classes]")
     run.add_argument("--confidence-intervals", action="store_true",
                      help="TFMA confidence intervals (Poisson bootstrap) for every metric")
-    run.add_argument("--max-slice-gap", default=None,
+    run.add_argument("--max-slice-gap",
                      help="fairness gate, e.g. auc=0.05,binary_accuracy=0.1: fail (exit 3) when the "
                           "best and worst slice of a slice column differ by more; METRIC is a "
                           "name the TFMA config computes")
-    run.add_argument("--min-slice-size", type=_int_at_least(0), default=30,
+    run.add_argument("--min-slice-size", type=_int_at_least(0),
                      help="slices with fewer examples are left out of --max-slice-gap gaps and "
                           "marked small in the report [30]")
-    run.add_argument("--baseline-gates", choices=("on", "off"), default="on",
+    run.add_argument("--baseline-gates", choices=("on", "off"),
                      help="default gates on labeled data: better than chance, not degenerate "
                           "(fail: exit 3) [on]")
-    run.add_argument("--faithfulness-sample", type=_int_at_least(0), default=256,
+
+
+def _add_measure_options(run: argparse.ArgumentParser) -> None:
+    """How much faithfulness, sanity and permutation importance measure."""
+    from .importance import DEFAULT_SAMPLE
+
+    run.add_argument("--faithfulness-sample", type=_int_at_least(0),
                      help="about this many seeded examples get deletion/insertion AUCs per method "
                           "(0: off) [256]")
-    run.add_argument("--sanity-sample", type=_int_at_least(0), default=32,
+    run.add_argument("--sanity-sample", type=_int_at_least(0),
                      help="about this many seeded examples for the model-randomization sanity "
                           "check (0: off) [32]")
-    run.add_argument("--permutation-features", default="patches:4x4",
+    run.add_argument("--permutation-features",
                      help="permutation importance features: patches:RxC, channels, or none "
                           "[patches:4x4]")
-    run.add_argument("--permutation-repeats", type=_int_at_least(1), default=3,
+    run.add_argument("--permutation-repeats", type=_int_at_least(1),
                      help="permutations per feature per shard [3]")
-    run.add_argument("--importance-sample", default=str(DEFAULT_IMPORTANCE_SAMPLE),
+    run.add_argument("--importance-sample",
                      help="labeled examples permutation importance runs on, a seeded sample by "
-                          f"id hash, or all [{DEFAULT_IMPORTANCE_SAMPLE}]")
-    run.add_argument("--shard-size", type=_int_at_least(1), default=256,
+                          f"id hash, or all [{DEFAULT_SAMPLE}]")
+    run.add_argument("--shard-size", type=_int_at_least(1),
                      help="examples per permutation shard [256]")
+
+
+def _add_safety_options(run: argparse.ArgumentParser) -> None:
+    """What the audit refuses to read, load or replace unless told."""
+    from .decode import DEFAULT_MAX_IMAGE_PIXELS
+    from .sources import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT_S
+
+    run.add_argument("--unsafe-deserialization", action="store_true",
+                     help="load models (.keras, .h5 or SavedModel) holding Python code, e.g. "
+                          "Lambda layers: runs code from the file; refused without it")
     run.add_argument("--allow-paths-outside-data", action="store_true",
                      help="let manifest image/mask paths point outside the manifest's folder "
                           "(../x.png, absolute paths, other buckets); without it such an example "
                           "is an error row (path_outside_data)")
-    run.add_argument("--max-image-pixels", type=_int_at_least(1), default=DEFAULT_MAX_IMAGE_PIXELS,
+    run.add_argument("--max-image-pixels", type=_int_at_least(1),
                      help=f"refuse images above this many pixels [{DEFAULT_MAX_IMAGE_PIXELS}]")
-    run.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+    run.add_argument("--max-image-bytes", type=int,
                      help="refuse image/mask files above this many bytes, from their size before "
                           f"reading (file_too_large) [{DEFAULT_MAX_IMAGE_BYTES}]")
-    run.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+    run.add_argument("--read-timeout", type=float,
                      help="seconds one image/mask read may take, file system retries included, "
                           f"before it is an error row (read_timeout) [{DEFAULT_READ_TIMEOUT_S:g}]")
     run.add_argument("--overwrite", action="store_true",
                      help="replace an earlier run in --output (only the files a run writes are "
                           "removed first) and take over the lock a killed run left; without it "
                           "a folder holding a run is refused")
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    _add_data_options(run)
+    _add_explain_options(run)
+    _add_gate_options(run)
+    _add_measure_options(run)
+    _add_safety_options(run)
     _add_output_options(run)
 
 
@@ -309,30 +343,17 @@ def _configure_logging(level: str = "info") -> None:
 
 
 def _request_from_args(args) -> "AuditRequest":
+    """The parsed ``run`` options as an AuditRequest: an option left out (None) takes the
+    dataclass's default, the one place the defaults are written."""
+    from dataclasses import fields
+
     from .job import AuditRequest
 
-    return AuditRequest(
-        model=args.model, data=args.data, output=args.output,
-        image_column=args.image_column, label_column=args.label_column,
-        mask_column=args.mask_column, id_column=args.id_column,
-        slice_columns=args.slice_columns, slice_bins=args.slice_bins,
-        class_names=args.class_names,
-        preprocess=args.preprocess, methods=args.methods, layer=args.layer, target=args.target,
-        batch_size=args.batch_size, seed=args.seed, max_error_rate=args.max_error_rate,
-        unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
-        max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
-        read_timeout=args.read_timeout, tfma_config=args.tfma_config,
-        confidence_intervals=args.confidence_intervals, max_slice_gap=args.max_slice_gap,
-        min_slice_size=args.min_slice_size, baseline_gates=args.baseline_gates == "on",
-        permutation_features=args.permutation_features, map_size=args.map_size,
-        **{key: getattr(args, key) for key in method_registry.OPTIONS},
-        faithfulness_sample=args.faithfulness_sample,
-        sanity_sample=args.sanity_sample,
-        permutation_repeats=args.permutation_repeats, shard_size=args.shard_size,
-        importance_sample=args.importance_sample,
-        overwrite=args.overwrite,
-        allow_paths_outside_data=args.allow_paths_outside_data,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(AuditRequest)
+             if getattr(args, f.name, None) is not None}
+    if "baseline_gates" in given:
+        given["baseline_gates"] = given["baseline_gates"] == "on"
+    return AuditRequest(**given)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,11 +4,11 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import pandas as pd
 
-from . import demo, importance, job
+from . import demo, importance, job, runinfo
 from .errors import OptionError
 
 LOG = logging.getLogger("xai_audit")
@@ -107,9 +107,10 @@ def site_story(table: pd.DataFrame, method: str) -> str:
 
 def importance_grid(summary_path: str, metric: str):
     """The patch importances of ``metric`` laid out as the image grid (rows × columns)."""
-    if not os.path.exists(summary_path):
+    found = runinfo.read_rows(summary_path)
+    if not found:
         return None
-    summary = pd.read_parquet(summary_path)
+    summary = pd.DataFrame(found)
     rows = summary[summary.metric == metric]
     grid = importance.patch_grid(dict(zip(rows.feature, rows.importance)))
     if grid is None:
@@ -124,9 +125,10 @@ def demo_max_error_rate(examples: int) -> float:
     return max(job.AuditRequest.max_error_rate, 1 / (examples + 1))
 def importance_by_site(by_slice_path: str, metric: str) -> Optional[pd.Series]:
     """Per site, the patch whose shuffling costs the most ``metric`` (importance_by_slice)."""
-    if not os.path.exists(by_slice_path):
+    found = runinfo.read_rows(by_slice_path)
+    if not found:
         return None
-    rows = pd.read_parquet(by_slice_path)
+    rows = pd.DataFrame(found)
     rows = rows[(rows.metric == metric) & rows.slice.str.startswith("site=")
                 & rows.feature.str.startswith("patch_")]
     if rows.empty:
@@ -135,19 +137,11 @@ def importance_by_site(by_slice_path: str, metric: str) -> Optional[pd.Series]:
         "slice").first().apply(lambda r: f"{r.feature} ({r.importance:.3f})", axis=1)
 
 
-def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
-             pooling: str = "max", methods: Sequence[str] = ("gradcam",), layer: str = "auto",
-             summary: str = "full", masks: bool = True) -> int:
-    """Data, model (``pooling``: its global pooling head), and the audit with ``methods`` at
-    ``layer`` (``masks`` False: with the mask column dropped); prints the story. Returns 0 when
-    the audit ran (its own exit code is in run.json)."""
-    if examples < 12:
-        raise OptionError("--examples must be at least 12 (four per site and class).")
-    if "://" in output:
-        raise OptionError("The demo writes its data locally; give a local --output folder.")
+def _make_data_and_model(output: str, examples: int, seed: int, pooling: str,
+                         masks: bool) -> Tuple[str, str]:
+    """The demo's manifest (with its one planted truncated scan) and trained model paths."""
     data_dir = os.path.join(output, "demo_data")
     model_path = os.path.join(output, "demo_model.keras")
-    start = time.perf_counter()
     manifest = demo.make_demo_dataset(data_dir, examples, seed)
     figures = demo.train_demo_model(manifest, model_path, seed, pooling)
     LOG.info("Demo model trained in %.1f s (train accuracy %.3f): %s",
@@ -156,29 +150,23 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     if not masks:
         _drop_masks(manifest)
     LOG.info("Demo data: %d scans from 3 sites in %s", examples + 1, data_dir)
-    # The demo owns its folder: a second demo replaces the first one's audit.
-    request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed,
-                               max_slice_gap=DEMO_SLICE_GAPS, methods=tuple(methods), layer=layer,
-                               max_error_rate=demo_max_error_rate(examples), overwrite=True)
-    LOG.info("The demo's one truncated scan is planted: its audit allows 1 failed example in %d "
-             "(--max-error-rate %.4g), so the error-rate gate passes at every size.",
-             examples + 1, request.max_error_rate)
-    code = audit_code = job.run_audit(request, beam_args, summary="none")
-    with open(os.path.join(output, "run.json")) as handle:
-        run = json.load(handle)
-    report = os.path.join(output, "report", "index.html")
-    report_path = os.path.abspath(report) if os.path.exists(report) else None
-    if summary == "quiet":
-        job.print_summary(run, report_path, output, audit_code, quiet=True)
-        return job.EXIT_OK if code == job.EXIT_GATE else code
+    return manifest, model_path
+
+
+def _print_outputs(output: str, code: int, seconds: float) -> pd.DataFrame:
+    """Where the outputs are and how many rows each holds; returns the attributions."""
     attributions = pd.read_parquet(os.path.join(output, "attributions"))
     errors = pd.read_parquet(os.path.join(output, "errors"))
-    print(f"\nxai-audit demo finished in {time.perf_counter() - start:.0f} s (audit exit code {code}).")
+    print(f"\nxai-audit demo finished in {seconds:.0f} s (audit exit code {code}).")
     print(f"  attributions: {os.path.join(output, 'attributions')}  ({len(attributions)} rows)")
     print(f"  errors:       {os.path.join(output, 'errors')}  ({len(errors)} row(s): "
           f"{', '.join(f'{i} {t}' for i, t in zip(errors.example_id, errors.error_type))})")
     print(f"  run manifest: {os.path.join(output, 'run.json')}")
-    method = methods[0]  # the method of attention_region and attention_by_slice
+    return attributions
+
+
+def _print_story(output: str, run: dict, attributions: pd.DataFrame, method: str) -> None:
+    """Per site: metrics, attention and the patches that matter; then what it means."""
     print(f"\nPer site (auc from TFMA; attention_on_lesion: share of {method} mass on the lesion "
           "mask, lesion scans, n/a without masks; lesion_peak_region: the 4x4 cell most of the "
           "site's maps of predicted lesions peak in, lesion_peak_share: how many do):")
@@ -196,6 +184,37 @@ def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
     if tops is not None:
         print("\nThe patch whose shuffling costs the most accuracy, per site:")
         print(tops.to_string())
+
+
+def run_demo(output: str, examples: int, seed: int, beam_args: Sequence[str],
+             pooling: str = "max", methods: Sequence[str] = ("gradcam",), layer: str = "auto",
+             summary: str = "full", masks: bool = True) -> int:
+    """Data, model (``pooling``: its global pooling head), and the audit with ``methods`` at
+    ``layer`` (``masks`` False: with the mask column dropped); prints the story. Returns 0 when
+    the audit ran (its own exit code is in run.json)."""
+    if examples < 12:
+        raise OptionError("--examples must be at least 12 (four per site and class).")
+    if "://" in output:
+        raise OptionError("The demo writes its data locally; give a local --output folder.")
+    start = time.perf_counter()
+    manifest, model_path = _make_data_and_model(output, examples, seed, pooling, masks)
+    # The demo owns its folder: a second demo replaces the first one's audit.
+    request = job.AuditRequest(model=model_path, data=manifest, output=output, seed=seed,
+                               max_slice_gap=DEMO_SLICE_GAPS, methods=tuple(methods), layer=layer,
+                               max_error_rate=demo_max_error_rate(examples), overwrite=True)
+    LOG.info("The demo's one truncated scan is planted: its audit allows 1 failed example in %d "
+             "(--max-error-rate %.4g), so the error-rate gate passes at every size.",
+             examples + 1, request.max_error_rate)
+    code = audit_code = job.run_audit(request, beam_args, summary="none")
+    with open(os.path.join(output, "run.json")) as handle:
+        run = json.load(handle)
+    report = os.path.join(output, "report", "index.html")
+    report_path = os.path.abspath(report) if os.path.exists(report) else None
+    if summary == "quiet":
+        job.print_summary(run, report_path, output, audit_code, quiet=True)
+        return job.EXIT_OK if code == job.EXIT_GATE else code
+    attributions = _print_outputs(output, code, time.perf_counter() - start)
+    _print_story(output, run, attributions, methods[0])  # methods[0]: attention_region's method
     if code == job.EXIT_GATE:
         failed = sorted({g["slice"] for g in run["gates"] if not g["passed"]})
         print(f"The slice-gap gate ({DEMO_SLICE_GAPS}) fails at {'; '.join(failed)}: the audit "

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import OptionError
 from .limits import MAX_PER_CLASS_METRICS
+from .metric_rules import OVERALL  # noqa: F401 (the slice of all examples; importers use it)
 
 METRICS = ("accuracy", "log_loss", "auc")
 # Labeled examples importance runs on by default: a dataset-level estimate whose interval narrows
@@ -27,7 +28,6 @@ METRICS = ("accuracy", "log_loss", "auc")
 DEFAULT_SAMPLE = 2000
 AUC_BUCKETS = 1000  # score histogram resolution; AUC ties within a bucket count half
 LOG_LOSS_EPS = 1e-7
-OVERALL = "overall"  # the slice name of all examples (per-slice rows: "column=value")
 
 
 @dataclass(frozen=True)

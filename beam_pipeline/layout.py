@@ -8,7 +8,7 @@ Folders of ``part-*.parquet`` shards: ``attributions``, ``errors``, ``importance
 
 No TensorFlow: the report and the output-folder safety checks import it.
 """
-from apache_beam.io.filesystems import FileSystems
+from .paths import join  # noqa: F401 (the one join: a path under DIR, local or gs://)
 
 PARQUET = ".parquet"
 
@@ -33,11 +33,6 @@ OUTPUT_NAMES = (
     RUN_JSON, ATTRIBUTIONS, ERRORS, IMPORTANCE, IMPORTANCE_SUMMARY, TFMA,
     LAYER_SWEEP, LAYER_SWEEP_MAPS, SANITY, REPORT, ATTENTION_BY_SLICE, IMPORTANCE_BY_SLICE,
 )
-
-
-def join(output: str, *parts: str) -> str:
-    """A path under ``output`` (local or any Beam file system, e.g. gs://)."""
-    return FileSystems.join(output.rstrip("/"), *parts)
 
 
 def writer_prefix(output: str, name: str) -> str:

@@ -11,16 +11,67 @@ of best-worst gaps and never gated.
   AUC...): the slice is cut by the model's own decision, so they are 1 or 0 by construction.
   Counts, label/prediction means and calibration still describe such a slice.
 
-Also ``json_safe``: NaN and ±Infinity become ``None`` so every JSON output is strict JSON.
+Also the slice vocabulary every stage shares: the slices the audit derives
+(``prediction_correct``, ``attention_on_mask``, ``attention_region``), how a slice is named
+(``slice_label``: "column=value"; ``slice_name``: a TFMA slice key), and ``lift`` (mask energy
+over the mask's share of the image) with the ``attention_on_mask`` buckets cut from it; and
+``json_safe``: NaN and ±Infinity become ``None`` so every JSON output is strict JSON.
 """
 import math
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
+OVERALL = "overall"  # the slice of every example
 PREDICTION_CORRECT = "prediction_correct"
+ATTENTION_ON_MASK = "attention_on_mask"
+# The attributions' attention_region (attention.py): needs no mask, so every run slices by it.
+# Its metrics mean something (the region is not cut by the model's decision, unlike
+# prediction_correct), so the rules below treat it as any data column.
+ATTENTION_REGION = "attention_region"
+DERIVED_SLICES = (PREDICTION_CORRECT, ATTENTION_ON_MASK, ATTENTION_REGION)
+# attention_on_mask buckets the share of Grad-CAM mass on the mask relative to the mask's share
+# of the image (1 = attention spread evenly, no preference for the annotated region).
+ATTENTION_EDGES = (1.0, 1.5)
 # The metrics that still mean something on prediction_correct=true/false; every other metric
 # there follows from the slice's definition (all right, or all wrong).
 DESCRIPTIVE_METRICS = ("example_count", "weighted_example_count", "mean_label", "mean_prediction",
                        "calibration")
+
+
+def slice_label(column: str, value: Any) -> str:
+    """The slice of the examples whose ``column`` is ``value``: "column=value", as TFMA names it."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    return f"{slice_prefix(column)}{value}"
+
+
+def slice_prefix(column: str) -> str:
+    """What the name of every slice of ``column`` starts with."""
+    return f"{column}="
+
+
+def slice_name(slice_key: Tuple) -> str:
+    """A TFMA slice key: ``()`` → "overall", ``(("site", b"a"),)`` → "site=a"."""
+    if not slice_key:
+        return OVERALL
+    return ",".join(slice_label(column, value) for column, value in slice_key)
+
+
+def lift(energy: Optional[float], mask_area: Optional[float]) -> Optional[float]:
+    """Mask energy over the mask's share of the image (1 = no preference for the mask); None
+    when either is unknown or the mask is empty."""
+    if energy is None or not mask_area or mask_area <= 0 or math.isnan(energy):
+        return None
+    return energy / mask_area
+
+
+def attention_bucket(energy: Optional[float], mask_area: Optional[float]) -> Optional[str]:
+    """low / medium / high attention on the mask, relative to the mask's share of the image."""
+    value = lift(energy, mask_area)
+    if value is None:
+        return None
+    if value < ATTENTION_EDGES[0]:
+        return "low"
+    return "medium" if value < ATTENTION_EDGES[1] else "high"
 
 
 def base_name(metric: str) -> str:

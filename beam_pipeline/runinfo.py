@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from . import __version__
+from .paths import exists, join
 
 LIBRARIES = (
     "tensorflow", "keras", "tf-keras", "apache-beam", "tensorflow-model-analysis", "tfx-bsl",
@@ -40,7 +41,7 @@ def library_versions() -> Dict[str, Optional[str]]:
 
 
 def parquet_files(folder: str) -> List[str]:
-    pattern = FileSystems.join(folder.rstrip("/"), "*.parquet")
+    pattern = join(folder, "*.parquet")
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
@@ -69,11 +70,7 @@ def value_counts(values: pa.ChunkedArray) -> Dict[str, int]:
 def read_rows(path: str, columns: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
     """All rows of one small Parquet output (sanity, layer sweep, importance summary) as dicts,
     or None when the file is absent: the one reader of the single-file tables."""
-    try:
-        present = FileSystems.exists(path)
-    except Exception:  # an unreachable store reads as absent, as the report's other checks do
-        present = False
-    if not present:
+    if not exists(path):  # an unreachable store reads as absent, as the report's other checks do
         return None
     with FileSystems.open(path) as handle:
         return pq.ParquetFile(handle).read(columns=columns).to_pylist()

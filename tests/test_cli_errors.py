@@ -111,3 +111,49 @@ def test_a_run_that_audited_nothing_still_writes_its_report(tmp_path):
     html = (out / "report" / "index.html").read_text()
     assert "Nothing was audited" in html and "Model caveat" in html
     assert not (out / ".xai-audit.lock").exists()
+
+
+def _run_actions():
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in commands.choices["run"]._actions if a.dest != "help"}
+
+
+def _as_help_text(default) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (list, tuple)):
+        return ",".join(default)
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_run_defaults_are_written_once_in_the_request():
+    """The run options' defaults are AuditRequest's: an option left out reaches the request as
+    the dataclass default, and the [default] each help text shows is that same value."""
+    import argparse
+    import re
+    from dataclasses import MISSING, fields
+
+    from beam_pipeline import method_registry
+    from beam_pipeline.job import AuditRequest
+
+    actions = _run_actions()
+    args, _ = cli.build_parser().parse_known_args(
+        ["run", "--model", "m.keras", "--data", "d", "--output", "o"])
+    assert cli._request_from_args(args) == AuditRequest(model="m.keras", data="d", output="o")
+    checked = 0
+    for field in fields(AuditRequest):
+        action = actions.get(field.name)
+        if action is None or field.default is MISSING or isinstance(
+                action, argparse._StoreTrueAction):
+            continue
+        if field.name not in method_registry.OPTIONS:  # the registry holds those defaults
+            assert action.default is None, f"--{field.name} writes its default a second time"
+        shown = re.search(r"\[([^\]]*)\]$", action.help or "")
+        if shown is None or field.default is None:
+            continue  # no default, or one the help describes in words
+        assert shown.group(1).split(": ")[0] == _as_help_text(field.default), field.name
+        checked += 1
+    assert checked >= 20
