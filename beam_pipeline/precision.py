@@ -1,0 +1,201 @@
+"""``--precision float32|bfloat16``: the model's compute in bfloat16, every output in float32.
+
+What lives here:
+
+* ``bfloat16_classifier``: a copy of a prepared classifier whose layers run under Keras'
+  ``mixed_bfloat16`` dtype policy (variables stay float32, each layer casts its inputs to
+  bfloat16). The copy is rebuilt layer by layer from the configs (``quality.classifier_copy``'s
+  way, so Keras 3, tf_keras and nested models all work) with the weights copied; the input layer
+  stays float32, so the first layer's cast sits *inside* the differentiated graph and input
+  gradients (saliency, SmoothGrad, IG) flow through it. ``explainers.Classifier.logits`` casts
+  the logits back to float32, and Grad-CAM casts activations and gradients to float32, so
+  probabilities and maps keep the float32 schema.
+* ``load_classifier``: the (model, info) the workers use for a run's precision, once per process.
+* ``compare``: at planning, float32 and bfloat16 on a few of the user's own decoded examples:
+  per-method map rank correlation, largest probability difference and the speed ratio.
+* ``decide``: the pure rule that turns those figures into the precision used, with a reason.
+"""
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+from . import model_io
+from .errors import OptionError
+
+LOG = logging.getLogger("xai_audit")
+
+FLOAT32, BFLOAT16 = "float32", "bfloat16"
+CHOICES = (FLOAT32, BFLOAT16)
+DEFAULT = FLOAT32
+POLICY = "mixed_bfloat16"
+
+# bfloat16 keeps 8 significant bits (relative step 2^-8 ≈ 0.4%). Maps are compared by rank: the
+# report ranks regions, and a map's scale is not part of the contract.
+MIN_MAP_CORRELATION = 0.99
+# A probability moved by 0.02 can flip only a prediction within 0.02 of a tie, and moves a
+# calibration bin or a TFMA threshold metric by about as much; past that the audit would no
+# longer describe the float32 model the user ships.
+MAX_PROBABILITY_DIFF = 0.02
+# Faster means at least 10% faster: below that the ratio is within the noise of a shared
+# machine, and the lower precision would be bought for nothing.
+MIN_SPEEDUP = 1.1
+COMPARE_EXAMPLES = 16  # the user's examples the two precisions are compared on
+TIMED_REPEATS = 3  # timed calls of each precision after one warm-up call
+
+
+def check(value: str) -> None:
+    """Raises OptionError unless ``value`` is one of CHOICES."""
+    if value not in CHOICES:
+        raise OptionError(f"--precision {value!r} is not one of {', '.join(CHOICES)}.")
+
+
+# --------------------------------------------------------------------------- the bfloat16 model
+
+
+def bfloat16_classifier(model):
+    """(copy, ClassifierInfo): ``model`` (prepared or not) rebuilt under ``mixed_bfloat16``."""
+    from .quality import _keras_library
+
+    library = _keras_library(model)
+
+    def clone_layer(layer):
+        if model_io._is_model(layer):
+            return library.models.clone_model(layer, clone_function=clone_layer)
+        config = layer.get_config()
+        if getattr(layer, "activation", None) is model_io._linear:
+            config["activation"] = "linear"  # prepare_classifier's head: switched again below
+        if type(layer).__name__ != "InputLayer":
+            config["dtype"] = POLICY
+        return layer.__class__.from_config(config)
+
+    copy = library.models.clone_model(model, clone_function=clone_layer)
+    copy.set_weights(model.get_weights())  # the variables stay float32 under the policy
+    return copy, model_io.prepare_classifier(copy)
+
+
+_BFLOAT16: Dict[tuple, tuple] = {}
+_LOCK = threading.Lock()
+
+
+def load_classifier(path: str, unsafe_deserialization: bool, precision: str = DEFAULT):
+    """(model, ClassifierInfo) for ``precision``, built once per process and model."""
+    model, info = model_io.load_classifier(path, unsafe_deserialization)
+    if precision != BFLOAT16:
+        return model, info
+    with _LOCK:
+        key = (path, unsafe_deserialization, id(model))
+        if key not in _BFLOAT16:
+            _BFLOAT16[key] = bfloat16_classifier(model)
+        return _BFLOAT16[key]
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass
+class Comparison:
+    """Figures of float32 against bfloat16 on the same examples (run.json ``precision``)."""
+
+    requested: str
+    used: str = FLOAT32
+    reason: str = ""
+    examples: int = 0
+    map_correlation: Dict[str, float] = field(default_factory=dict)  # method → mean Spearman
+    max_probability_diff: Optional[float] = None
+    float32_images_per_s: Optional[float] = None
+    bfloat16_images_per_s: Optional[float] = None
+    speedup: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(map_correlation: Dict[str, float], max_probability_diff: float,
+           speedup: float) -> tuple:
+    """(precision used, reason): bfloat16 only if every method's maps rank like float32's, the
+    probabilities agree, and it is faster. Pure: the figures are given."""
+    low = {m: r for m, r in map_correlation.items() if not r >= MIN_MAP_CORRELATION}
+    if low:
+        worst = ", ".join(f"{m} {r:.3f}" for m, r in sorted(low.items()))
+        return FLOAT32, (f"bfloat16 maps disagree with float32 (mean rank correlation {worst}, "
+                         f"needed ≥ {MIN_MAP_CORRELATION})")
+    if not max_probability_diff <= MAX_PROBABILITY_DIFF:
+        return FLOAT32, (f"bfloat16 probabilities differ from float32 by up to "
+                         f"{max_probability_diff:.3g} (allowed {MAX_PROBABILITY_DIFF})")
+    if not speedup >= MIN_SPEEDUP:
+        return FLOAT32, (f"bfloat16 is not faster on this machine ({speedup:.2f}× float32, "
+                         f"needed ≥ {MIN_SPEEDUP}×)")
+    return BFLOAT16, (f"maps agree (rank correlation ≥ {MIN_MAP_CORRELATION}), probabilities "
+                      f"within {MAX_PROBABILITY_DIFF}, {speedup:.2f}× faster")
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def _run_all(explainers: Dict[str, Callable], images: np.ndarray, targets: np.ndarray) -> dict:
+    return {name: explain(images, targets) for name, explain in explainers.items()}
+
+
+def _seconds(explainers: Dict[str, Callable], images, targets) -> tuple:
+    """(outputs, best seconds of TIMED_REPEATS calls after one warm-up call)."""
+    outputs = _run_all(explainers, images, targets)  # warm-up: traces and compiles
+    best = float("inf")
+    for _ in range(TIMED_REPEATS):
+        start = time.perf_counter()
+        _run_all(explainers, images, targets)
+        best = min(best, time.perf_counter() - start)
+    return outputs, best
+
+
+def map_correlations(ref: dict, low: dict) -> Dict[str, float]:
+    """Per method, the mean over examples of the Spearman rank correlation of the two maps."""
+    from .quality import rank_correlations
+
+    out = {}
+    for name in ref:
+        values = rank_correlations(np.asarray(ref[name]["maps"], np.float64),
+                                   np.asarray(low[name]["maps"], np.float64))
+        # A constant map (no attention) has no rank: equal constant maps agree, else they do not.
+        same = [np.allclose(a, b) for a, b in zip(ref[name]["maps"], low[name]["maps"])]
+        values = np.where(np.isnan(values), np.where(same, 1.0, 0.0), values)
+        out[name] = float(np.mean(values))
+    return out
+
+
+def compare(make_explainers: Callable[[object, str], Dict[str, Callable]], model, info,
+            images: np.ndarray, requested: str = BFLOAT16) -> Comparison:
+    """Run ``make_explainers(model, head)`` on ``model`` and on its bfloat16 copy over ``images``
+    (the predicted class explained), and decide which precision the run uses."""
+    low_model, low_info = bfloat16_classifier(model)
+    targets = np.full(len(images), -1, np.int32)  # explainers.PREDICTED
+    ref, ref_s = _seconds(make_explainers(model, info.head), images, targets)
+    low, low_s = _seconds(make_explainers(low_model, low_info.head), images, targets)
+    result = Comparison(requested=requested, examples=len(images))
+    result.map_correlation = map_correlations(ref, low)
+    result.max_probability_diff = float(max(
+        np.max(np.abs(ref[m]["probabilities"] - low[m]["probabilities"])) for m in ref))
+    result.float32_images_per_s = len(images) / ref_s
+    result.bfloat16_images_per_s = len(images) / low_s
+    result.speedup = ref_s / low_s
+    result.used, result.reason = decide(result.map_correlation, result.max_probability_diff,
+                                        result.speedup)
+    return result
+
+
+def summary_line(record: Optional[dict]) -> str:
+    """One line for the log and the report's run details."""
+    if not record or record.get("requested", FLOAT32) == FLOAT32:
+        return "float32"
+    line = f"{record['used']} (requested {record['requested']}): {record['reason']}"
+    return line
+
+
+def log_decision(result: Comparison) -> None:
+    if result.used == result.requested:
+        LOG.info("Precision: %s.", summary_line(result.as_dict()))
+    else:
+        LOG.warning("Precision: falling back to float32: %s.", result.reason)
