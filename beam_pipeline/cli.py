@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
-from . import __version__, method_registry  # noqa: E402
+from . import __version__, method_registry, precision  # noqa: E402
 from .errors import AuditError  # noqa: E402
 from .importance import DEFAULT_SAMPLE as DEFAULT_IMPORTANCE_SAMPLE  # noqa: E402
 
@@ -152,6 +152,10 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--target", default="predicted",
                      help="class to explain: predicted, label, or a class index [predicted]")
     run.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per model call [32]")
+    run.add_argument("--precision", choices=precision.CHOICES, default=precision.DEFAULT,
+                     help="the model's compute: bfloat16 is used only if it agrees with float32 "
+                          "on a few of your examples and is faster, else float32 with the reason "
+                          "logged; outputs stay float32 [float32]")
     run.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice [0]")
     run.add_argument("--max-error-rate", type=_float_in(0.0, 1.0), default=0.01,
                      help="share of examples that may fail before the run fails (exit 4) [0.01]")
@@ -318,7 +322,7 @@ def _request_from_args(args) -> "AuditRequest":
         slice_columns=args.slice_columns, slice_bins=args.slice_bins,
         class_names=args.class_names,
         preprocess=args.preprocess, methods=args.methods, layer=args.layer, target=args.target,
-        batch_size=args.batch_size, seed=args.seed, max_error_rate=args.max_error_rate,
+        batch_size=args.batch_size, precision=args.precision, seed=args.seed, max_error_rate=args.max_error_rate,
         unsafe_deserialization=args.unsafe_deserialization, image_size=args.image_size,
         max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
         read_timeout=args.read_timeout, tfma_config=args.tfma_config,

@@ -23,8 +23,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from . import model_io
-from .errors import OptionError
+from .errors import UsageError
 
 LOG = logging.getLogger("xai_audit")
 
@@ -48,9 +47,9 @@ TIMED_REPEATS = 3  # timed calls of each precision after one warm-up call
 
 
 def check(value: str) -> None:
-    """Raises OptionError unless ``value`` is one of CHOICES."""
+    """Raises UsageError (exit 2, as argparse's choices) unless ``value`` is one of CHOICES."""
     if value not in CHOICES:
-        raise OptionError(f"--precision {value!r} is not one of {', '.join(CHOICES)}.")
+        raise UsageError(f"--precision {value!r} is not one of {', '.join(CHOICES)}.")
 
 
 # --------------------------------------------------------------------------- the bfloat16 model
@@ -58,6 +57,7 @@ def check(value: str) -> None:
 
 def bfloat16_classifier(model):
     """(copy, ClassifierInfo): ``model`` (prepared or not) rebuilt under ``mixed_bfloat16``."""
+    from . import model_io
     from .quality import _keras_library
 
     library = _keras_library(model)
@@ -83,12 +83,18 @@ _LOCK = threading.Lock()
 
 def load_classifier(path: str, unsafe_deserialization: bool, precision: str = DEFAULT):
     """(model, ClassifierInfo) for ``precision``, built once per process and model."""
+    from . import model_io
+
     model, info = model_io.load_classifier(path, unsafe_deserialization)
     if precision != BFLOAT16:
         return model, info
     with _LOCK:
         key = (path, unsafe_deserialization, id(model))
         if key not in _BFLOAT16:
+            if unsafe_deserialization:  # the copy is rebuilt from configs, Lambda layers too
+                import keras
+
+                keras.config.enable_unsafe_deserialization()
             _BFLOAT16[key] = bfloat16_classifier(model)
         return _BFLOAT16[key]
 
@@ -166,11 +172,12 @@ def map_correlations(ref: dict, low: dict) -> Dict[str, float]:
     return out
 
 
-def compare(make_explainers: Callable[[object, str], Dict[str, Callable]], model, info,
-            images: np.ndarray, requested: str = BFLOAT16) -> Comparison:
-    """Run ``make_explainers(model, head)`` on ``model`` and on its bfloat16 copy over ``images``
-    (the predicted class explained), and decide which precision the run uses."""
-    low_model, low_info = bfloat16_classifier(model)
+def compare(make_explainers: Callable[[object, str], Dict[str, Callable]], reference: tuple,
+            candidate: tuple, images: np.ndarray, requested: str = BFLOAT16) -> Comparison:
+    """Run ``make_explainers(model, head)`` on the float32 ``reference`` and the bfloat16
+    ``candidate`` (model, info) over ``images`` (the predicted class explained), and decide which
+    precision the run uses."""
+    (model, info), (low_model, low_info) = reference, candidate
     targets = np.full(len(images), -1, np.int32)  # explainers.PREDICTED
     ref, ref_s = _seconds(make_explainers(model, info.head), images, targets)
     low, low_s = _seconds(make_explainers(low_model, low_info.head), images, targets)
@@ -186,12 +193,80 @@ def compare(make_explainers: Callable[[object, str], Dict[str, Callable]], model
     return result
 
 
+# --------------------------------------------------------------------------- planning
+
+
+def sample_images(cfg, count: int = COMPARE_EXAMPLES) -> np.ndarray:
+    """The first ``count`` examples of the run's data that decode, as the workers decode them
+    ([n, H, W, C] float32; n may be 0). Unreadable ones are skipped: the run reports them."""
+    from .errors import ExampleError
+    from .pipeline import decode_ref
+    from .sources import iter_refs
+
+    images = []
+    for ref in iter_refs(cfg.source):
+        if isinstance(ref, dict):  # an error row of the listing
+            continue
+        try:
+            images.append(decode_ref(ref, cfg).image)
+        except ExampleError:
+            continue
+        if len(images) >= count:
+            break
+    return np.stack(images).astype(np.float32) if images else np.zeros((0,), np.float32)
+
+
+def run_explainers(cfg) -> Callable[[object, str], Dict[str, Callable]]:
+    """``make_explainers(model, head)`` for the run's methods (the layer sweep compared at its
+    ``--layer`` map, which is what its ``maps`` column holds)."""
+    from . import attribution_methods, explainers, model_io
+
+    def make(model, head: str) -> Dict[str, Callable]:
+        classifier = explainers.Classifier(model, head)
+        uses_layer = any(m in attribution_methods.LAYER_METHODS for m in cfg.methods)
+        layer = model_io.find_layer(model, cfg.layer) if uses_layer else None
+        shape = (cfg.image_spec.height, cfg.image_spec.width, cfg.image_spec.channels)
+        return {name: attribution_methods.make_method(name, classifier, shape, layer,
+                                                      cfg.method_options)
+                for name in cfg.methods}
+
+    return make
+
+
+def _bfloat16_or_reason(cfg, images: np.ndarray) -> tuple:
+    """(the bfloat16 (model, info), None), or (None, why it cannot be compared)."""
+    if not len(images):
+        return None, "no example of the data decoded, so bfloat16 could not be compared"
+    try:
+        return load_classifier(cfg.model_path, cfg.unsafe_deserialization, BFLOAT16), None
+    except Exception as exc:  # a layer that cannot be rebuilt from its config: audit as float32
+        text = str(exc).strip()
+        return None, (f"the model could not be rebuilt under {POLICY} ({type(exc).__name__}: "
+                      f"{text.splitlines()[0] if text else ''})")
+
+
+def plan(requested: str, cfg) -> Comparison:
+    """The precision the run uses (also set as ``cfg.precision``), compared on the user's data."""
+    check(requested)
+    if requested == FLOAT32:
+        return Comparison(requested=FLOAT32, used=FLOAT32, reason="requested")
+    images = sample_images(cfg)
+    candidate, reason = _bfloat16_or_reason(cfg, images)
+    if candidate is None:
+        result = Comparison(requested=requested, reason=reason)
+    else:
+        reference = load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        result = compare(run_explainers(cfg), reference, candidate, images, requested)
+    cfg.precision = result.used
+    log_decision(result)
+    return result
+
+
 def summary_line(record: Optional[dict]) -> str:
     """One line for the log and the report's run details."""
     if not record or record.get("requested", FLOAT32) == FLOAT32:
         return "float32"
-    line = f"{record['used']} (requested {record['requested']}): {record['reason']}"
-    return line
+    return f"{record['used']} (requested {record['requested']}): {record['reason']}"
 
 
 def log_decision(result: Comparison) -> None:

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 
 from . import evaluation, importance, layout, method_registry, metric_rules, results, runinfo
+from . import precision
 
 MAX_METRIC_COLUMNS = 10
 MAX_SLICE_ROWS = 30  # per slice column in the tables (worst first); run.json has them all
@@ -351,6 +352,7 @@ def identity(run: dict) -> dict:
         "data_fingerprint": data.get("fingerprint"),
         "runner": runner.get("name"),
         "seed": run.get("seed"),
+        "precision": precision.summary_line(run.get("precision")),
         "libraries": run.get("libraries") or {},
         "command_line": run.get("command_line") or [],
     }
