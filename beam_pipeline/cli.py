@@ -153,9 +153,7 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="class to explain: predicted, label, or a class index [predicted]")
     run.add_argument("--batch-size", type=_int_at_least(1), default=32, help="images per model call [32]")
     run.add_argument("--precision", choices=precision.CHOICES, default=precision.DEFAULT,
-                     help="the model's compute: bfloat16 is used only if it agrees with float32 "
-                          "on a few of your examples and is faster, else float32 with the reason "
-                          "logged; outputs stay float32 [float32]")
+                     help=precision.HELP)
     run.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random choice [0]")
     run.add_argument("--max-error-rate", type=_float_in(0.0, 1.0), default=0.01,
                      help="share of examples that may fail before the run fails (exit 4) [0.01]")

@@ -56,7 +56,8 @@ def measure(kind: str, examples: int, batch_size: int, rounds: int) -> dict:
     info = model_io.prepare_classifier(model)
     low, low_info = precision.bfloat16_classifier(model)
     methods = {}
-    for name, (m, head) in {"float32": (model, info.head), "bfloat16": (low, low_info.head)}.items():
+    pairs = {"float32": (model, info.head), "bfloat16": (low, low_info.head)}
+    for name, (m, head) in pairs.items():
         layer_name, layer = model_io.find_layer(m, "auto")
         methods[name] = explainers.GradCAM(explainers.Classifier(m, head), layer, layer_name,
                                            (SIZE, SIZE, 3))

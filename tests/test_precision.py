@@ -121,7 +121,7 @@ def test_bfloat16_that_disagrees_falls_back_to_float32_with_the_reason(tmp_path,
     attributions, _, run = read_outputs(out)
     record = run["precision"]
     assert record["requested"] == "bfloat16" and record["used"] == "float32"
-    assert record["examples"] == 12
+    assert record["examples"] == precision.COMPARE_EXAMPLES
     assert record["max_probability_diff"] > precision.MAX_PROBABILITY_DIFF
     assert "probabilities differ" in record["reason"] or "disagree" in record["reason"]
     assert any("falling back to float32" in line and record["reason"] in line
