@@ -94,14 +94,15 @@ def load_classifier(path: str, unsafe_deserialization: bool, precision: str = DE
     if precision != BFLOAT16:
         return model, info
     with _LOCK:
-        key = (path, unsafe_deserialization, id(model))
-        if key not in _BFLOAT16:
+        key = (path, unsafe_deserialization)
+        # Rebuilt when model_io loaded the file afresh (re-saved, or its cache cleared).
+        if key not in _BFLOAT16 or _BFLOAT16[key][0] is not model:
             if unsafe_deserialization:  # the copy is rebuilt from configs, Lambda layers too
                 import keras
 
                 keras.config.enable_unsafe_deserialization()
-            _BFLOAT16[key] = bfloat16_classifier(model)
-        return _BFLOAT16[key]
+            _BFLOAT16[key] = (model, *bfloat16_classifier(model))
+        return _BFLOAT16[key][1:]
 
 
 # --------------------------------------------------------------------------- the decision
