@@ -260,7 +260,9 @@ def plan_audit(req: AuditRequest) -> Plan:
         LOG.info("Per-class figures: %s.", limits.per_class_note(info.num_classes))
     _plan_importance(req, plan)
     plan.cost_estimate = _cost_estimate(plan, model)
+    start = time.perf_counter()
     plan.precision = precision.plan(req.precision, config).as_dict()
+    timings["plan_precision_s"] = time.perf_counter() - start
     start = time.perf_counter()
     _plan_evaluation(req, plan)
     timings["plan_tfma_s"] = time.perf_counter() - start

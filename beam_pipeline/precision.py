@@ -116,6 +116,7 @@ class Comparison:
     used: str = FLOAT32
     reason: str = ""
     examples: int = 0
+    timed: Optional[str] = None  # the explainer whose images/s were compared
     map_correlation: Dict[str, float] = field(default_factory=dict)  # method → mean Spearman
     max_probability_diff: Optional[float] = None
     float32_images_per_s: Optional[float] = None
@@ -150,6 +151,14 @@ def decide(map_correlation: Dict[str, float], max_probability_diff: float,
 
 def _run_all(explainers: Dict[str, Callable], images: np.ndarray, targets: np.ndarray) -> dict:
     return {name: explain(images, targets) for name, explain in explainers.items()}
+
+
+def timed_method(methods: Sequence[str], options: dict) -> Optional[str]:
+    """The first of ``methods`` that costs one pass per image (cost.method_passes), timed as it
+    is already traced; None: none is, and a saliency unit pass is timed instead."""
+    from .cost import method_passes
+
+    return next((m for m in methods if method_passes(m, options)["forward"] <= 1), None)
 
 
 def _unit_pass(model, head: str, shape: tuple) -> Callable:
@@ -191,18 +200,23 @@ def map_correlations(ref: dict, low: dict) -> Dict[str, float]:
 
 
 def compare(make_explainers: Callable[[object, str], Dict[str, Callable]], reference: tuple,
-            candidate: tuple, images: np.ndarray, requested: str = BFLOAT16) -> Comparison:
+            candidate: tuple, images: np.ndarray, requested: str = BFLOAT16,
+            timed: Optional[str] = None) -> Comparison:
     """Run ``make_explainers(model, head)`` on the float32 ``reference`` and the bfloat16
-    ``candidate`` (model, info) over ``images`` (the predicted class explained), and decide which
-    precision the run uses."""
+    ``candidate`` (model, info) over ``images`` (the predicted class explained), time the
+    explainer named ``timed`` (None: a saliency unit pass), and decide the run's precision."""
     (model, info), (low_model, low_info) = reference, candidate
     targets = np.full(len(images), -1, np.int32)  # explainers.PREDICTED
-    ref = _run_all(make_explainers(model, info.head), images, targets)
-    low = _run_all(make_explainers(low_model, low_info.head), images, targets)
-    shape = tuple(images.shape[1:])
-    ref_s, low_s = _seconds(_unit_pass(model, info.head, shape),
-                            _unit_pass(low_model, low_info.head, shape), images, targets)
-    result = Comparison(requested=requested, examples=len(images))
+    pair = make_explainers(model, info.head), make_explainers(low_model, low_info.head)
+    ref, low = (_run_all(explainers, images, targets) for explainers in pair)
+    if timed:
+        timers = pair[0][timed], pair[1][timed]
+    else:
+        shape = tuple(images.shape[1:])
+        timers = _unit_pass(model, info.head, shape), _unit_pass(low_model, low_info.head, shape)
+    ref_s, low_s = _seconds(*timers, images, targets)
+    result = Comparison(requested=requested, examples=len(images),
+                        timed=timed or "saliency (unit pass)")
     result.map_correlation = map_correlations(ref, low)
     result.max_probability_diff = float(max(
         np.max(np.abs(ref[m]["probabilities"] - low[m]["probabilities"])) for m in ref))
@@ -277,7 +291,8 @@ def plan(requested: str, cfg) -> Comparison:
         result = Comparison(requested=requested, reason=reason)
     else:
         reference = load_classifier(cfg.model_path, cfg.unsafe_deserialization)
-        result = compare(run_explainers(cfg), reference, candidate, images, requested)
+        result = compare(run_explainers(cfg), reference, candidate, images, requested,
+                         timed_method(cfg.methods, cfg.method_options))
     cfg.precision = result.used
     log_decision(result)
     return result

@@ -73,6 +73,15 @@ def test_decision_keeps_bfloat16_only_when_it_agrees_and_is_faster():
     assert precision.decide(agree, float("nan"), 2.0)[0] == "float32"
 
 
+def test_the_timed_pass_is_a_one_pass_method_already_compared_or_saliency():
+    options = {"ig_steps": 64, "smoothgrad_samples": 16}
+    assert precision.timed_method(["integrated_gradients", "gradcam"], options) == "gradcam"
+    assert precision.timed_method(["cam"], options) == "cam"
+    assert precision.timed_method(["smoothgrad", "integrated_gradients"], options) is None
+    assert precision.timed_method(["integrated_gradients"], {"ig_steps": 1}) == (
+        "integrated_gradients")
+
+
 def test_bad_precision_is_a_usage_error(tmp_path, saved_model, folder_dataset, capsys):
     with pytest.raises(UsageError) as caught:
         precision.check("float16")
@@ -121,7 +130,7 @@ def test_bfloat16_that_disagrees_falls_back_to_float32_with_the_reason(tmp_path,
     attributions, _, run = read_outputs(out)
     record = run["precision"]
     assert record["requested"] == "bfloat16" and record["used"] == "float32"
-    assert record["examples"] == precision.COMPARE_EXAMPLES
+    assert record["examples"] == precision.COMPARE_EXAMPLES and record["timed"] == "gradcam"
     assert record["max_probability_diff"] > precision.MAX_PROBABILITY_DIFF
     assert "probabilities differ" in record["reason"] or "disagree" in record["reason"]
     assert any("falling back to float32" in line and record["reason"] in line
