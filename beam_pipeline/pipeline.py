@@ -223,7 +223,8 @@ def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
         return methods
 
     key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.precision, cfg.layer,
-           cfg.sweep, _input_shape(cfg), tuple(cfg.methods), tuple(sorted(cfg.method_options.items())))
+           cfg.sweep, _input_shape(cfg), tuple(cfg.methods),
+           tuple(sorted(cfg.method_options.items())))
     return _shared(key, build)
 
 

@@ -4,11 +4,12 @@ pure function of the figures (no timing in any test)."""
 import json
 import logging
 
+import keras
 import numpy as np
 import pytest
 import tf_keras
 
-from beam_pipeline import (attribution_methods, explainers, job, model_io, pipeline, precision)
+from beam_pipeline import attribution_methods, explainers, job, model_io, pipeline, precision
 from beam_pipeline.errors import UsageError
 
 from conftest import IMAGE_SIZE, LogLines, gap_model
@@ -101,7 +102,6 @@ def _collapsing_model(path):
     columns sum to zero). In float32 the probabilities differ clearly; in bfloat16 they are all
     1/3."""
     model = gap_model(num_classes=3)
-    keras = pytest.importorskip("keras")
     inputs = keras.Input(SHAPE)
     features = model.get_layer("gap")(model.get_layer("conv")(inputs))
     hidden = keras.layers.Dense(3, name="offset")
