@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
-from . import __version__, method_registry  # noqa: E402
+from . import __version__, method_registry, precision  # noqa: E402
 from .errors import AuditError  # noqa: E402
 
 EPILOG = (
@@ -161,6 +161,7 @@ def _add_explain_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--target",
                      help="class to explain: predicted, label, or a class index [predicted]")
     run.add_argument("--batch-size", type=_int_at_least(1), help="images per model call [32]")
+    run.add_argument("--precision", choices=precision.CHOICES, help=precision.HELP)
     run.add_argument("--seed", type=_int_at_least(0), help="seed of every random choice [0]")
     run.add_argument("--image-size",
                      help="HxW to resize to, for models without a fixed input size")

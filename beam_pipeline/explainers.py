@@ -215,8 +215,9 @@ class GradCAM(Attribution):
             # Examples are independent in inference mode, so one gradient of the sum gives each
             # example's own gradient.
             scores = tf.reduce_sum(self.classifier.target_scores(logits, targets))
-        activations = tf.cast(activations, tf.float32)
-        gradients = tf.cast(tape.gradient(scores, activations), tf.float32)
+        # The gradient is taken of the captured tensor itself: a cast of it (a bfloat16 model's
+        # activation) is off the tape's path, and its gradient would be None.
+        gradients = tape.gradient(scores, activations)
         maps = gradcam_maps(activations, gradients, self.channel_weights, self.activation)
         return {"probabilities": probabilities, "target_class": targets, "maps": maps}
 

@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from . import (attention, attribution_methods, baseline, cost, decode, evaluation, importance,
                layer_sweep, layout, limits, method_registry, metric_rules, model_io, outputs,
                pipeline, quality, runinfo, sources)
+from . import precision
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
 
@@ -55,6 +56,7 @@ class AuditRequest:
     layer: str = "auto"
     target: str = "predicted"
     batch_size: int = 32
+    precision: str = precision.DEFAULT  # the model's compute: float32 | bfloat16
     seed: int = 0
     max_error_rate: float = 0.01
     unsafe_deserialization: bool = False
@@ -94,6 +96,7 @@ class Plan:
     importance_skipped_because: Optional[str] = None
     performance_thresholds: bool = False  # the TFMA config has thresholds, or --max-slice-gap
     cost_estimate: Optional[dict] = None  # cost.estimate: image passes per stage
+    precision: Optional[dict] = None  # precision.Comparison: requested, used, why, figures
 
 
 def _check_options(req: AuditRequest) -> None:
@@ -106,6 +109,7 @@ def _check_options(req: AuditRequest) -> None:
     if len(set(req.methods)) != len(req.methods):
         raise OptionError("--methods names a method twice.")
     method_registry.check_options(req.methods, _method_options(req))
+    precision.check(req.precision)  # before the model is loaded: exit 2 at once
     if req.map_size < 1:
         raise OptionError("--map-size must be at least 1.")
     if (req.layer == "all" or "," in req.layer) and "gradcam" not in req.methods:
@@ -256,6 +260,9 @@ def plan_audit(req: AuditRequest) -> Plan:
         LOG.info("Per-class figures: %s.", limits.per_class_note(info.num_classes))
     _plan_importance(req, plan)
     plan.cost_estimate = _cost_estimate(plan, model)
+    start = time.perf_counter()
+    plan.precision = precision.plan(req.precision, config).as_dict()
+    timings["plan_precision_s"] = time.perf_counter() - start
     start = time.perf_counter()
     _plan_evaluation(req, plan)
     timings["plan_tfma_s"] = time.perf_counter() - start
@@ -823,6 +830,7 @@ def _run_json(req, plan, p, started, counts, counters, tfma_summary, gates, exit
         "counts": counts,
         "timings_s": plan.timings,
         "cost": {"estimate": plan.cost_estimate, "stage_busy_s": _stage_seconds(counters)},
+        "precision": plan.precision,
         "beam_counters": counters,
         "tfma": tfma_summary,
         "importance": _importance_summary(plan, counters),

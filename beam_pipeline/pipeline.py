@@ -19,6 +19,7 @@ from apache_beam.metrics import Metrics
 
 from . import (attention, attribution_methods, cost, decode, evaluation, explainers, importance,
                layer_sweep, layout, method_registry, model_io, progress, quality, sources)
+from . import precision
 from . import rows as rows_  # ``rows`` is a common local name in this module
 from .errors import ExampleError
 from .records import DecodedExample, ExampleRef, error_row
@@ -68,6 +69,7 @@ class AuditConfig:
     importance_sample: Optional[int] = importance.DEFAULT_SAMPLE
     shard_size: int = 256
     seed: int = 0
+    precision: str = precision.DEFAULT  # the model's compute, as planned (precision.plan)
     region_grid: tuple = attention.DEFAULT_GRID  # rows x cols of attention_region's cells
 
     @property
@@ -204,7 +206,8 @@ def _input_shape(cfg: AuditConfig) -> tuple:
 def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
     """The ``--methods`` explainers, in order, sharing one model."""
     def build():
-        model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        model, info = precision.load_classifier(cfg.model_path, cfg.unsafe_deserialization,
+                                                cfg.precision)
         classifier = explainers.Classifier(model, info.head)
         uses_layer = any(m in attribution_methods.LAYER_METHODS for m in cfg.methods)
         layer = model_io.find_layer(model, cfg.layer) if uses_layer else None
@@ -219,8 +222,9 @@ def shared_explainers(cfg: AuditConfig) -> Dict[str, explainers.Attribution]:
                 classifier, swept, _input_shape(cfg), **activation), cfg.layer), **methods}
         return methods
 
-    key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.layer, cfg.sweep,
-           _input_shape(cfg), tuple(cfg.methods), tuple(sorted(cfg.method_options.items())))
+    key = ("explainers", cfg.model_path, cfg.unsafe_deserialization, cfg.precision, cfg.layer,
+           cfg.sweep, _input_shape(cfg), tuple(cfg.methods),
+           tuple(sorted(cfg.method_options.items())))
     return _shared(key, build)
 
 
@@ -238,10 +242,12 @@ class SweepAsGradCAM:
 
 def shared_predictor(cfg: AuditConfig) -> explainers.Predictor:
     def build():
-        model, info = model_io.load_classifier(cfg.model_path, cfg.unsafe_deserialization)
+        model, info = precision.load_classifier(cfg.model_path, cfg.unsafe_deserialization,
+                                                cfg.precision)
         return explainers.Predictor(explainers.Classifier(model, info.head), _input_shape(cfg))
 
-    key = ("predictor", cfg.model_path, cfg.unsafe_deserialization, _input_shape(cfg))
+    key = ("predictor", cfg.model_path, cfg.unsafe_deserialization, cfg.precision,
+           _input_shape(cfg))
     return _shared(key, build)
 
 

@@ -14,7 +14,7 @@ keeps the names the report, the terminal summary and the tests import from ``rep
 """
 from typing import Dict
 
-from . import layout, runinfo
+from . import layout, precision, runinfo
 from .paths import exists, join
 from .report_measures import (METHOD_NAMES, faithfulness, importance_section,
                               layer_sweep_summary, localization, sample_note, sanity,
@@ -60,6 +60,7 @@ def identity(run: dict) -> dict:
         "data_fingerprint": data.get("fingerprint"),
         "runner": runner.get("name"),
         "seed": run.get("seed"),
+        "precision": precision.summary_line(run.get("precision")),
         "libraries": run.get("libraries") or {},
         "command_line": run.get("command_line") or [],
     }
