@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from . import (attention, attribution_methods, baseline, cost, decode, evaluation, importance,
-               layer_sweep, layout, limits, method_registry, metric_rules, model_io, outputs,
-               pipeline, quality, runinfo, sources)
+from . import (attention, attribution_methods, audit_config, baseline, cost, decode, evaluation, importance,
+               layer_sweep, layout, limits, method_registry, metric_rules, model_holder, model_io,
+               outputs, pipeline, quality, runinfo, sources)
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
 
@@ -220,7 +220,7 @@ def plan_audit(req: AuditRequest) -> Plan:
     timings["inspect_data_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    model, info = model_io.load_classifier(req.model, req.unsafe_deserialization)
+    model, info = model_holder.load_classifier(req.model, req.unsafe_deserialization)
     for caveat in info.caveats:
         LOG.warning("Model caveat: %s", caveat)
     layer_name, sweep_names = _gradcam_layers(model, req)
@@ -565,13 +565,13 @@ def _importance_sample(plan: Plan, rows: List[dict], counters: Dict[str, float])
     """The sample importance ran on: asked for, used (examples in the figures), and the labeled
     population it was drawn from (a Beam counter: None where the runner has no metrics)."""
     cfg = plan.config
-    labeled = counters.get(pipeline.IMPORTANCE_LABELED)
+    labeled = counters.get(audit_config.IMPORTANCE_LABELED)
     return {
         "requested": "all" if cfg.importance_sample is None else cfg.importance_sample,
         "examples": max((r["n"] or 0 for r in rows), default=0),
         "labeled_examples": None if labeled is None else int(labeled),
-        "selected": (None if counters.get(pipeline.IMPORTANCE_SAMPLED) is None
-                     else int(counters[pipeline.IMPORTANCE_SAMPLED])),
+        "selected": (None if counters.get(audit_config.IMPORTANCE_SAMPLED) is None
+                     else int(counters[audit_config.IMPORTANCE_SAMPLED])),
         "seed": cfg.seed,
         "selection": "every labeled example" if cfg.importance_sample is None else
                      "the labeled examples with the smallest sha256(seed, id) keys",
