@@ -53,7 +53,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full"
     if dry_run:
         plan = plan_audit(req)
         plan.config.output = outputs.staging_path(final, run_id)
-        plan.config.progress_workers = launch.progress_workers(options)
+        plan.config.progress_workers = progress_workers(options)
         return launch.translate_only(req, plan, beam_args, final)
     if not req.overwrite:  # refuse before the (slow) planning; reads only
         outputs.refuse_earlier_run(final)
