@@ -57,27 +57,58 @@ class Predictor:
         return self._compiled(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
+def hook_call(layer, make_wrapper: Callable) -> Callable[[], None]:
+    """Replace ``layer.call`` with ``make_wrapper(original call)``; returns ``unhook``.
+
+    Hooks stack (a sweep and a Grad-CAM on the same layer): ``unhook`` marks this hook released
+    and removes released hooks from the outside in; one still wrapped by a live hook stays in its
+    chain, passing calls through, until that one goes too. The layer is then as it was loaded.
+    """
+    had_own, original = "call" in vars(layer), layer.call
+    wrapper = make_wrapper(original)
+    wrapper.xai_hook = {"original": original, "had_own": had_own, "released": False}
+    layer.call = wrapper
+
+    def unhook():
+        wrapper.xai_hook["released"] = True
+        _unwind(layer)
+
+    return unhook
+
+
+def _unwind(layer) -> None:
+    while True:
+        hook = getattr(vars(layer).get("call"), "xai_hook", None)
+        if hook is None or not hook["released"]:
+            return
+        if hook["had_own"]:
+            layer.call = hook["original"]
+        else:  # the class's own method shows through again
+            object.__delattr__(layer, "call")
+
+
 class LayerCapture:
     """Records a layer's output on every call and makes the active tape watch it.
 
     Replacing the instance's ``call`` works for Keras 3 and tf_keras alike and for any nesting
-    depth, because the outer model still calls the same layer object.
+    depth, because the outer model still calls the same layer object. ``release()`` unhooks it.
     """
 
     def __init__(self, layer):
         self.layer = layer
         self.tape: Optional[tf.GradientTape] = None
         self.output = None
-        original = layer.call
 
-        def call_and_capture(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if self.tape is not None:
-                self.tape.watch(out)
-            self.output = out
-            return out
+        def wrap(original):
+            def call_and_capture(*args, **kwargs):
+                out = original(*args, **kwargs)
+                if self.tape is not None:
+                    self.tape.watch(out)
+                self.output = out
+                return out
+            return call_and_capture
 
-        layer.call = call_and_capture
+        self.release = hook_call(layer, wrap)
 
     def forward(self, tape: tf.GradientTape, fn, *args):
         """Run ``fn(*args)`` with the layer watched on ``tape``; returns (fn's result, activation)."""

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from . import model_io
+from . import explainers, model_io
 from .explainers import Classifier, GradCAM, gradcam_activation, gradcam_maps, mask_agreement
 
 # --------------------------------------------------------------------------- which layers
@@ -50,8 +50,12 @@ def sweep_layers(model) -> List[Tuple[str, object]]:
     if not found:
         return found
     shape = [1] + [d or 32 for d in model.inputs[0].shape[1:]]
-    _, _, calls = LayerSetCapture([layer for _, layer in found]).forward(
-        None, lambda x: model(x, training=False), tf.zeros(shape, model.inputs[0].dtype))
+    counting = LayerSetCapture([layer for _, layer in found])
+    try:
+        _, _, calls = counting.forward(
+            None, lambda x: model(x, training=False), tf.zeros(shape, model.inputs[0].dtype))
+    finally:
+        counting.release()  # a look at the model, not a hook it keeps
     return [pair for pair, count in zip(found, calls) if count == 1]
 
 
@@ -64,7 +68,7 @@ class LayerSetCapture:
 
     Like ``LayerCapture`` it replaces the instance's ``call`` with a wrapper of whatever ``call``
     was there, so it stacks with other captures (a ``GradCAM`` on one of the layers, another
-    sweep): each wrapper acts only while its own ``forward`` runs.
+    sweep): each wrapper acts only while its own ``forward`` runs. ``release()`` unhooks them.
     """
 
     def __init__(self, layers: Sequence):
@@ -73,22 +77,26 @@ class LayerSetCapture:
         self._active = False
         self._outputs: List[Optional[tf.Tensor]] = [None] * len(self.layers)
         self._calls = [0] * len(self.layers)
-        for index, layer in enumerate(self.layers):
-            self._hook(index, layer)
+        self._unhooks = [self._hook(index, layer) for index, layer in enumerate(self.layers)]
 
-    def _hook(self, index: int, layer) -> None:
-        original = layer.call
+    def _hook(self, index: int, layer):
+        def wrap(original):
+            def call_and_capture(*args, **kwargs):
+                out = original(*args, **kwargs)
+                if self._active:
+                    if self._tape is not None:
+                        self._tape.watch(out)
+                    self._outputs[index] = out
+                    self._calls[index] += 1
+                return out
+            return call_and_capture
 
-        def call_and_capture(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if self._active:
-                if self._tape is not None:
-                    self._tape.watch(out)
-                self._outputs[index] = out
-                self._calls[index] += 1
-            return out
+        return explainers.hook_call(layer, wrap)
 
-        layer.call = call_and_capture
+    def release(self) -> None:
+        """Unhook every layer (``explainers.hook_call``)."""
+        for unhook in self._unhooks:
+            unhook()
 
     def forward(self, tape: Optional[tf.GradientTape], fn, *args):
         """Run ``fn(*args)`` with every layer watched on ``tape``; returns (fn's result, list of

@@ -16,10 +16,9 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import zipfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -269,36 +268,18 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-_CLASSIFIERS: Dict[tuple, tuple] = {}
-_CLASSIFIERS_LOCK = threading.Lock()
-
-
 def load_classifier(path: str, unsafe_deserialization: bool = False):
-    """(model, ClassifierInfo), loaded and prepared once per process.
+    """(model, ClassifierInfo): the model loaded and prepared.
 
-    The launcher's validation load is reused by in-process workers, and the DoFn threads of one
-    worker share one model, as RunInference shares its model handle. Keyed by the file's size and
-    modification time too, so a model re-saved at the same path is loaded afresh.
+    Not cached here: ``model_holder.load_classifier`` loads once per process (the launcher's
+    validation load is reused by in-process workers, as RunInference shares its model handle).
     """
+    model = load_model(path, unsafe_deserialization)
     try:
-        stat = os.stat(path)
-        key = (path, unsafe_deserialization, stat.st_size, stat.st_mtime_ns)
-    except OSError:  # remote, or missing (load_model says which)
-        key = (path, unsafe_deserialization)
-    with _CLASSIFIERS_LOCK:
-        if key not in _CLASSIFIERS:
-            model = load_model(path, unsafe_deserialization)
-            try:
-                info = prepare_classifier(model)
-            except ModelLoadError as exc:  # name the file: the user may be trying several
-                raise ModelLoadError(f"{path}: {exc}") from None
-            _CLASSIFIERS[key] = (model, info)
-        return _CLASSIFIERS[key]
-
-
-def clear_classifiers() -> None:
-    with _CLASSIFIERS_LOCK:
-        _CLASSIFIERS.clear()
+        info = prepare_classifier(model)
+    except ModelLoadError as exc:  # name the file: the user may be trying several
+        raise ModelLoadError(f"{path}: {exc}") from None
+    return model, info
 
 
 # --------------------------------------------------------------------------- structure

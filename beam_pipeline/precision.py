@@ -88,14 +88,14 @@ _LOCK = threading.Lock()
 
 def load_classifier(path: str, unsafe_deserialization: bool, precision: str = DEFAULT):
     """(model, ClassifierInfo) for ``precision``, built once per process and model."""
-    from . import model_io
+    from . import model_holder
 
-    model, info = model_io.load_classifier(path, unsafe_deserialization)
+    model, info = model_holder.load_classifier(path, unsafe_deserialization)
     if precision != BFLOAT16:
         return model, info
     with _LOCK:
         key = (path, unsafe_deserialization)
-        # Rebuilt when model_io loaded the file afresh (re-saved, or its cache cleared).
+        # Rebuilt when model_holder loaded the file afresh (re-saved, or its cache cleared).
         if key not in _BFLOAT16 or _BFLOAT16[key][0] is not model:
             if unsafe_deserialization:  # the copy is rebuilt from configs, Lambda layers too
                 import keras
@@ -235,7 +235,7 @@ def sample_images(cfg, count: int = COMPARE_EXAMPLES) -> np.ndarray:
     """The first ``count`` examples of the run's data that decode, as the workers decode them
     ([n, H, W, C] float32; n may be 0). Unreadable ones are skipped: the run reports them."""
     from .errors import ExampleError
-    from .pipeline import decode_ref
+    from .beam_stages import decode_ref
     from .sources import iter_refs
 
     images = []
