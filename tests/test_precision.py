@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tf_keras
 
-from beam_pipeline import attribution_methods, explainers, job, model_io, pipeline, precision
+from beam_pipeline import (attribution_methods, explainers, job, model_holder, model_io, pipeline,
+                           precision)
 from beam_pipeline.errors import UsageError
 
 from conftest import IMAGE_SIZE, LogLines, gap_model
@@ -153,10 +154,11 @@ def test_workers_build_the_bfloat16_model_when_planned(tmp_path, saved_model, fo
     cfg = plan.config
     pipeline.clear_shared_models()
     try:
-        reference = pipeline.shared_explainers(cfg)
+        reference_holder = model_holder.ModelHolder(cfg)  # kept: its hooks go with it
+        reference = reference_holder.explainers
         cfg.precision = "bfloat16"  # as precision.plan sets it when bfloat16 wins
-        low = pipeline.shared_explainers(cfg)
-        predictor = pipeline.shared_predictor(cfg)
+        holder = model_holder.ModelHolder(cfg)  # what each worker builds (model_holder.acquire)
+        low, predictor = holder.explainers, holder.predictor
     finally:
         pipeline.clear_shared_models()
     assert low["gradcam"].classifier.model.get_layer("conv").dtype_policy.name == precision.POLICY
