@@ -548,6 +548,8 @@ def _quality_summary(plan: Plan) -> dict:
         column = runinfo.read_column(pipeline.output_path(cfg.output, "attributions"),
                                      f"{cfg.methods[0]}_deletion_auc")
         summary["faithfulness_examples"] = len(column) - column.null_count
+        summary["faithfulness"] = quality.faithfulness_intervals(lambda name: runinfo.read_column(
+            pipeline.output_path(cfg.output, "attributions"), name).to_pylist(), cfg.methods)
     if cfg.sanity_sample:
         rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))
         summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"],

@@ -426,6 +426,12 @@ def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
         reference = {"method": "random", "deletion_auc": overall.mean("random_deletion_auc"),
                      "insertion_auc": overall.mean("random_insertion_auc"),
                      "n": overall.counts["random_deletion_auc"]}
+    intervals = (run.get("quality") or {}).get("faithfulness") or {}
+    for row in [*rows, *([reference] if reference else [])]:
+        for measure in ("deletion_auc", "insertion_auc"):  # job.py: quality.faithfulness_intervals
+            figure = (intervals.get(row["method"]) or {}).get(measure) or {}
+            if figure.get("ci_low") is not None:
+                row[f"{measure}_ci"] = (figure["ci_low"], figure["ci_high"])
     for row in rows:
         row["beats_random"] = _beats_random(row, reference)
     requested = (run.get("options") or {}).get("faithfulness_sample")

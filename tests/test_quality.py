@@ -159,6 +159,28 @@ def test_faithfulness_option_errors(region_predictor):
         quality.deletion_insertion(region_predictor, images, maps[:1], targets)
 
 
+def test_mean_interval_is_the_student_t_interval():
+    # 1..5: mean 3, sample sd sqrt(2.5), t(0.975, 4) = 2.776445.
+    mean, low, high = quality.mean_interval([1.0, 2.0, 3.0, np.nan, 4.0, 5.0])
+    half = 2.776445 * np.sqrt(2.5) / np.sqrt(5)
+    assert mean == pytest.approx(3.0)
+    assert (low, high) == pytest.approx((3.0 - half, 3.0 + half), rel=1e-6)
+    assert np.isnan(quality.mean_interval([0.4])[1]) and quality.mean_interval([0.4])[0] == 0.4
+    assert np.isnan(quality.mean_interval([])[0])
+
+
+def test_faithfulness_intervals_per_method_and_random_reference():
+    columns = {"gradcam_deletion_auc": [0.1, None, 0.3], "gradcam_insertion_auc": [0.9, None, 0.7],
+               "random_deletion_auc": [0.5, None, 0.5], "random_insertion_auc": [0.5, None, None]}
+    out = quality.faithfulness_intervals(columns.__getitem__, ["gradcam"])
+    deletion = out["gradcam"]["deletion_auc"]
+    assert deletion["value"] == pytest.approx(0.2) and deletion["n"] == 2
+    assert deletion["ci_low"] < 0.1 and deletion["ci_high"] > 0.3  # two values: a wide interval
+    assert out["random"]["deletion_auc"]["ci_low"] == pytest.approx(0.5)  # no spread
+    assert out["random"]["insertion_auc"] == {"value": 0.5, "ci_low": None, "ci_high": None,
+                                              "n": 1}
+
+
 # --------------------------------------------------------------------------- sanity check
 
 
