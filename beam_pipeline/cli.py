@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
 from . import __version__, method_registry  # noqa: E402
+from .cost import DEFAULT_FAITHFULNESS_SAMPLE, DEFAULT_SANITY_SAMPLE  # noqa: E402
 from .errors import AuditError  # noqa: E402
 from .importance import DEFAULT_SAMPLE as DEFAULT_IMPORTANCE_SAMPLE  # noqa: E402
 
@@ -175,12 +176,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--baseline-gates", choices=("on", "off"), default="on",
                      help="default gates on labeled data: better than chance, not degenerate "
                           "(fail: exit 3) [on]")
-    run.add_argument("--faithfulness-sample", type=_int_at_least(0), default=256,
-                     help="about this many seeded examples get deletion/insertion AUCs per method "
-                          "(0: off) [256]")
-    run.add_argument("--sanity-sample", type=_int_at_least(0), default=32,
+    run.add_argument("--faithfulness-sample", type=_int_at_least(0),
+                     default=DEFAULT_FAITHFULNESS_SAMPLE,
+                     help="about this many seeded examples get deletion/insertion AUCs per method, "
+                          f"means with a 95%% interval (0: off) [{DEFAULT_FAITHFULNESS_SAMPLE}]")
+    run.add_argument("--sanity-sample", type=_int_at_least(0), default=DEFAULT_SANITY_SAMPLE,
                      help="about this many seeded examples for the model-randomization sanity "
-                          "check (0: off) [32]")
+                          f"check (0: off) [{DEFAULT_SANITY_SAMPLE}]")
     run.add_argument("--permutation-features", default="patches:4x4",
                      help="permutation importance features: patches:RxC, channels, or none "
                           "[patches:4x4]")
