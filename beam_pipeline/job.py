@@ -25,6 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from . import (attention, attribution_methods, baseline, cost, decode, evaluation, importance,
                layer_sweep, layout, limits, method_registry, metric_rules, model_io, outputs,
                pipeline, quality, runinfo, sources)
+from . import intervals
 from .schemas import attribution_schema
 from .errors import OptionError, UsageError
 
@@ -548,7 +549,7 @@ def _quality_summary(plan: Plan) -> dict:
         column = runinfo.read_column(pipeline.output_path(cfg.output, "attributions"),
                                      f"{cfg.methods[0]}_deletion_auc")
         summary["faithfulness_examples"] = len(column) - column.null_count
-        summary["faithfulness"] = quality.faithfulness_intervals(lambda name: runinfo.read_column(
+        summary["faithfulness"] = intervals.faithfulness_intervals(lambda name: runinfo.read_column(
             pipeline.output_path(cfg.output, "attributions"), name).to_pylist(), cfg.methods)
     if cfg.sanity_sample:
         rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))

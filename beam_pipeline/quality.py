@@ -27,8 +27,8 @@ import tensorflow as tf
 from scipy import stats
 
 from . import model_io
-from .cost import FAITHFULNESS_STEPS
 from .attribution_methods import _blur, _gaussian_kernel
+from .cost import FAITHFULNESS_STEPS
 from .errors import OptionError
 from .explainers import PREDICTED, Classifier
 # Reading the results back (no TensorFlow, for the report) lives in ``results``; re-exported.
@@ -140,44 +140,6 @@ def trapezoid_auc(curves: np.ndarray) -> np.ndarray:
     curves = np.asarray(curves, np.float64)
     n = curves.shape[1] - 1
     return ((curves.sum(1) - 0.5 * (curves[:, 0] + curves[:, -1])) / n).astype(np.float32)
-
-
-def mean_interval(values, level: float = 0.95) -> Tuple[float, float, float]:
-    """(mean, low, high): the mean of the finite ``values`` and its Student-t interval at
-    ``level`` (the faithfulness AUCs are a seeded sample; the interval says how far the sample
-    mean may be from the dataset's). NaN bounds below two values, NaN everything with none."""
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, values.size - 1)
-                 * values.std(ddof=1) / np.sqrt(values.size))
-    return mean, mean - half, mean + half
-
-
-def faithfulness_intervals(read_column: Callable[[str], Sequence], methods: Sequence[str],
-                           level: float = 0.95) -> Dict[str, Dict[str, dict]]:
-    """{method or "random": {"deletion_auc"|"insertion_auc": {value, ci_low, ci_high, n}}}:
-    the sample means of the faithfulness columns (``METHOD_deletion_auc``, ...; nulls are the
-    examples outside the sample) with their ``mean_interval``. ``read_column(name)`` returns a
-    column's values (None where absent); run.json and the report carry these."""
-    out: Dict[str, Dict[str, dict]] = {}
-    for who in [*methods, "random"]:
-        for measure in ("deletion_auc", "insertion_auc"):
-            values = np.array([np.nan if v is None else v for v in read_column(f"{who}_{measure}")],
-                              np.float64)
-            mean, low, high = mean_interval(values, level)
-            out.setdefault(who, {})[measure] = {
-                "value": _finite_or_none(mean), "ci_low": _finite_or_none(low),
-                "ci_high": _finite_or_none(high), "n": int(np.isfinite(values).sum())}
-    return out
-
-
-def _finite_or_none(value: float) -> Optional[float]:
-    return float(value) if np.isfinite(value) else None
 
 
 def faithfulness_baselines(images: np.ndarray, baseline: str, blur_sigma: float = 0.1):

@@ -6,7 +6,7 @@
 Trains the demo CNN (``beam_pipeline.demo``, ~15 s), takes Grad-CAM maps and seeded random maps
 of ``--examples`` demo scans, and computes the deletion and insertion AUCs
 (``quality.deletion_insertion``) at each step count. Printed per (map, measure, steps): the mean
-AUC with its 95% interval (``quality.mean_interval``), the mean difference to the finest step
+AUC with its 95% interval (``intervals.mean_interval``), the mean difference to the finest step
 count and the largest per-example difference. Fewer steps cut the faithfulness passes in
 proportion (2 × steps per map and example); the question is whether the means move by more
 than their own sampling interval.
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from beam_pipeline import demo, explainers, model_io, quality  # noqa: E402
+from beam_pipeline import demo, explainers, intervals, model_io, quality  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         for m, measure in enumerate(("deletion", "insertion")):
             finest = aucs[steps[0]][m]
             for s in steps:
-                mean, low, high = quality.mean_interval(aucs[s][m])
+                mean, low, high = intervals.mean_interval(aucs[s][m])
                 diff = aucs[s][m] - finest
                 print(f"{label:<8} {measure:<10} {s:>5} {mean:>8.4f} [{low:.4f}, {high:.4f}]"
                       f" {diff.mean():>+10.4f} {np.abs(diff).max():>10.4f}")
