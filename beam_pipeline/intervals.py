@@ -31,9 +31,9 @@ def faithfulness_intervals(read_column: Callable[[str], Sequence], methods: Sequ
     examples outside the sample) with their ``mean_interval``. Each method also gets
     ``deletion_auc_minus_random`` / ``insertion_auc_minus_random``: the mean paired difference
     to the random map on the same examples, whose interval says whether the method beats it.
-    ``read_column(name)`` returns a column's values (None where absent)."""
+    ``read_column(name)`` returns a column's values (None or NaN where absent)."""
     def column(name):
-        return np.array([np.nan if v is None else v for v in read_column(name)], np.float64)
+        return np.asarray(read_column(name), np.float64)  # None (not sampled) becomes NaN
 
     def figure(values):
         mean, low, high = mean_interval(values, level)

@@ -550,7 +550,7 @@ def _quality_summary(plan: Plan) -> dict:
                                      f"{cfg.methods[0]}_deletion_auc")
         summary["faithfulness_examples"] = len(column) - column.null_count
         summary["faithfulness"] = intervals.faithfulness_intervals(lambda name: runinfo.read_column(
-            pipeline.output_path(cfg.output, "attributions"), name).to_pylist(), cfg.methods)
+            pipeline.output_path(cfg.output, "attributions"), name).to_numpy(), cfg.methods)
     if cfg.sanity_sample:
         rows = _read_table(pipeline.output_path(cfg.output, "sanity.parquet"))
         summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"],
