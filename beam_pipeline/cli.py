@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
 from . import __version__, method_registry, precision  # noqa: E402
+from .cost import DEFAULT_FAITHFULNESS_SAMPLE, DEFAULT_SANITY_SAMPLE  # noqa: E402
 from .errors import AuditError  # noqa: E402
 
 EPILOG = (
@@ -193,11 +194,11 @@ def _add_measure_options(run: argparse.ArgumentParser) -> None:
     from .importance import DEFAULT_SAMPLE
 
     run.add_argument("--faithfulness-sample", type=_int_at_least(0),
-                     help="about this many seeded examples get deletion/insertion AUCs per method "
-                          "(0: off) [256]")
+                     help="about this many seeded examples get deletion/insertion AUCs per method, "
+                          f"means with a 95%% interval (0: off) [{DEFAULT_FAITHFULNESS_SAMPLE}]")
     run.add_argument("--sanity-sample", type=_int_at_least(0),
                      help="about this many seeded examples for the model-randomization sanity "
-                          "check (0: off) [32]")
+                          f"check (0: off) [{DEFAULT_SANITY_SAMPLE}]")
     run.add_argument("--permutation-features",
                      help="permutation importance features: patches:RxC, channels, or none "
                           "[patches:4x4]")

@@ -53,8 +53,8 @@ class AuditRequest:
     smoothgrad_sigma: float = method_registry.default("smoothgrad_sigma")
     ig_steps: int = method_registry.default("ig_steps")
     ig_baseline: str = method_registry.default("ig_baseline")
-    faithfulness_sample: int = 256
-    sanity_sample: int = 32
+    faithfulness_sample: int = cost.DEFAULT_FAITHFULNESS_SAMPLE
+    sanity_sample: int = cost.DEFAULT_SANITY_SAMPLE
     tfma_config: Optional[str] = None  # a path, None for the default, "none" to skip TFMA
     confidence_intervals: bool = False
     max_slice_gap: Optional[str] = None  # e.g. "auc=0.05,binary_accuracy=0.1"

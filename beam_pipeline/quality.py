@@ -28,6 +28,7 @@ from scipy import stats
 
 from . import model_io
 from .attribution_methods import _blur, _gaussian_kernel
+from .cost import FAITHFULNESS_STEPS
 from .errors import OptionError
 from .explainers import PREDICTED, Classifier
 # Reading the results back (no TensorFlow, for the report) lives in ``results``; re-exported.
@@ -49,7 +50,7 @@ def random_map(example_id, seed: int, height: int, width: int) -> np.ndarray:
 
 
 def deletion_insertion(predict_target: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                       maps: np.ndarray, targets: np.ndarray, steps: int = 16,
+                       maps: np.ndarray, targets: np.ndarray, steps: int = FAITHFULNESS_STEPS,
                        baseline: str = "blur", blur_sigma: float = 0.1,
                        batch_size: int = 64) -> Tuple[np.ndarray, np.ndarray]:
     """(deletion AUC [B], insertion AUC [B]) of the target-class probability, trapezoid rule over
@@ -67,7 +68,7 @@ def deletion_insertion(predict_target: Callable[[np.ndarray], np.ndarray], image
     return trapezoid_auc(deletion), trapezoid_auc(insertion)
 
 
-def perturbation_curves(predict_target, images, maps, targets, steps: int = 16,
+def perturbation_curves(predict_target, images, maps, targets, steps: int = FAITHFULNESS_STEPS,
                         baseline: str = "blur", blur_sigma: float = 0.1,
                         batch_size: int = 64) -> Tuple[np.ndarray, np.ndarray]:
     """The deletion and insertion curves behind ``deletion_insertion``, [B, steps + 1] each.
@@ -82,7 +83,7 @@ def perturbation_curves(predict_target, images, maps, targets, steps: int = 16,
 
 
 def perturbation_curves_of_maps(predict_target, images, map_sets: Sequence[np.ndarray], targets,
-                                steps: int = 16, baseline: str = "blur", blur_sigma: float = 0.1,
+                                steps: int = FAITHFULNESS_STEPS, baseline: str = "blur", blur_sigma: float = 0.1,
                                 batch_size: int = 64) -> List[Tuple[np.ndarray, np.ndarray]]:
     """``perturbation_curves`` of several map sets (e.g. every method's and a random map) on the
     same images and targets, one (deletion, insertion) pair per set. The perturbed images of every
@@ -126,7 +127,7 @@ def perturbation_curves_of_maps(predict_target, images, map_sets: Sequence[np.nd
     return curves
 
 
-def deletion_insertion_of_maps(predict_target, images, map_sets, targets, steps: int = 16,
+def deletion_insertion_of_maps(predict_target, images, map_sets, targets, steps: int = FAITHFULNESS_STEPS,
                                baseline: str = "blur", blur_sigma: float = 0.1,
                                batch_size: int = 64) -> List[Tuple[np.ndarray, np.ndarray]]:
     """``deletion_insertion`` of several map sets in one batched pass: [(deletion, insertion)]."""

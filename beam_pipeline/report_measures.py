@@ -48,8 +48,14 @@ def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
         reference = {"method": "random", "deletion_auc": overall.mean("random_deletion_auc"),
                      "insertion_auc": overall.mean("random_insertion_auc"),
                      "n": overall.counts["random_deletion_auc"]}
+    intervals = (run.get("quality") or {}).get("faithfulness") or {}
+    for row in [*rows, *([reference] if reference else [])]:
+        for measure in ("deletion_auc", "insertion_auc"):  # run_manifest: faithfulness_intervals
+            figure = (intervals.get(row["method"]) or {}).get(measure) or {}
+            if figure.get("ci_low") is not None:
+                row[f"{measure}_ci"] = (figure["ci_low"], figure["ci_high"])
     for row in rows:
-        row["beats_random"] = _beats_random(row, reference)
+        row["beats_random"] = _beats_random(row, reference, intervals.get(row["method"]))
     requested = (run.get("options") or {}).get("faithfulness_sample")
     used = max(r["n"] for r in rows)
     return {"rows": rows, "reference": reference, "requested": requested, "used": used,
@@ -57,14 +63,22 @@ def faithfulness(stats: Dict[str, SliceStats], run: dict) -> Optional[dict]:
                                        (run.get("counts") or {}))}
 
 
-def _beats_random(row: dict, reference: Optional[dict]) -> Optional[str]:
+def _beats_random(row: dict, reference: Optional[dict],
+                  paired: Optional[dict] = None) -> Optional[str]:
     """"both", "deletion", "insertion" or "neither": where the method's map is more faithful
-    than the random map (lower deletion, higher insertion AUC); None without a reference."""
+    than the random map (lower deletion, higher insertion AUC); None without a reference. With
+    the paired differences' 95% intervals (``intervals.faithfulness_intervals``), only where the
+    interval excludes 0: a difference within the sampling noise is no evidence."""
     if not reference or None in (row["deletion_auc"], row["insertion_auc"],
                                  reference["deletion_auc"], reference["insertion_auc"]):
         return None
     deletion = row["deletion_auc"] < reference["deletion_auc"]
     insertion = row["insertion_auc"] > reference["insertion_auc"]
+    paired = paired or {}
+    if (paired.get("deletion_auc_minus_random") or {}).get("ci_high") is not None:
+        deletion = paired["deletion_auc_minus_random"]["ci_high"] < 0
+    if (paired.get("insertion_auc_minus_random") or {}).get("ci_low") is not None:
+        insertion = paired["insertion_auc_minus_random"]["ci_low"] > 0
     return {(True, True): "both", (True, False): "deletion", (False, True): "insertion",
             (False, False): "neither"}[(deletion, insertion)]
 

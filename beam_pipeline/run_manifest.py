@@ -12,7 +12,7 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from . import audit_config, baseline, layout, limits, quality, runinfo, sources
+from . import audit_config, baseline, intervals, layout, limits, quality, runinfo, sources
 from .exit_codes import EXIT_OK
 from .plan import AuditRequest, Plan
 
@@ -155,6 +155,8 @@ def _quality_summary(plan: Plan) -> dict:
         column = runinfo.read_column(layout.join(cfg.output, "attributions"),
                                      f"{cfg.methods[0]}_deletion_auc")
         summary["faithfulness_examples"] = len(column) - column.null_count
+        summary["faithfulness"] = intervals.faithfulness_intervals(lambda name: runinfo.read_column(
+            layout.join(cfg.output, "attributions"), name).to_numpy(), cfg.methods)
     if cfg.sanity_sample:
         rows = _read_table(layout.join(cfg.output, "sanity.parquet"))
         summary["sanity"] = {m: {"flagged": r["flagged"], "spearman_fully_random": r["spearman_mean"],

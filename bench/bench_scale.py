@@ -8,7 +8,7 @@ For each size it generates that many small PNGs (``--side`` 32 px, RGB, seeded n
 bright square on the "lesion" class) in a CSV manifest with a ``site`` slice column, and runs the
 real job as a user would, ``python -m beam_pipeline.cli run --model M --data manifest.csv
 --output OUT`` with the default settings (Grad-CAM, TFMA with the default binary config sliced by
-site, permutation importance ``patches:4x4`` x 3 repeats, faithfulness sample 256, sanity sample
+site, permutation importance ``patches:4x4`` x 3 repeats, faithfulness sample 64, sanity sample
 32), in a subprocess, on the local FnApiRunner in its default in-memory mode (one worker: the
 whole job is one process tree, so its RSS is the job's memory). Extra arguments go to the job
 (e.g. ``--direct_num_workers 2 --direct_running_mode multi_processing``).

@@ -10,15 +10,17 @@ OPTIONS = {"smoothgrad_samples": 16, "ig_steps": 64}
 
 
 def test_default_audit_on_100000_images():
-    stages = cost.estimate(100_000, None, ["gradcam"], OPTIONS, faithfulness_sample=256,
-                           sanity_sample=32, importance_sample=2000, importance_features=16,
+    stages = cost.estimate(100_000, None, ["gradcam"], OPTIONS,
+                           faithfulness_sample=cost.DEFAULT_FAITHFULNESS_SAMPLE,
+                           sanity_sample=cost.DEFAULT_SANITY_SAMPLE, importance_sample=2000, importance_features=16,
                            importance_repeats=3, parameterized_layers=107)
     assert stages["explain"] == {"examples": 100_000, "forward": 100_000, "backward": 100_000,
                                  "per_1000_examples": False}
     # Importance on the sample only: 1 baseline + 16 features × 3 repeats per example.
     assert stages["importance"] == {"examples": 2000, "forward": 2000 * 49, "backward": 0}
-    # Grad-CAM's map and the random reference map, 2 × 16 perturbed images each.
-    assert stages["faithfulness"] == {"examples": 256, "forward": 256 * 64, "backward": 0}
+    # Grad-CAM's map and the random reference map, 2 × 8 perturbed images each, 32 examples:
+    # 1,024 passes (issue 14: 16,384 before, 256 examples × 16 steps).
+    assert stages["faithfulness"] == {"examples": 32, "forward": 32 * 2 * 2 * 8, "backward": 0}
     assert stages["sanity"]["examples"] == 32
     assert stages["sanity"]["forward"] == 32 * cost.sanity_steps(107)
     lines = cost.estimate_lines(stages)

@@ -340,6 +340,14 @@ def test_every_method_with_layer_sweep_faithfulness_and_sanity(tmp_path, rng, sa
     sampled = attributions.gradcam_deletion_auc.notna()
     assert 0 < sampled.sum() < 10
     assert (attributions.cam_insertion_auc.notna() == sampled).all()
+    # run.json and the report carry the sample means with their 95% interval.
+    figure = run["quality"]["faithfulness"]["gradcam"]["deletion_auc"]
+    assert figure["n"] == sampled.sum()
+    assert figure["value"] == pytest.approx(attributions.gradcam_deletion_auc.mean())
+    assert figure["ci_low"] <= figure["value"] <= figure["ci_high"]
+    assert set(run["quality"]["faithfulness"]) == {*methods, "random"}
+    faithfulness = json.loads((out / "report" / "summary.json").read_text())["faithfulness"]
+    assert faithfulness["rows"][0]["deletion_auc_ci"] == [figure["ci_low"], figure["ci_high"]]
 
     sweep = pd.read_parquet(out / "layer_sweep.parquet")
     assert set(sweep.layer) == {"conv"} and {"overall", "site=s0", "site=s1"} <= set(sweep.slice)

@@ -7,7 +7,7 @@ import pytest
 import tf_keras
 
 from beam_pipeline import attribution_methods as am
-from beam_pipeline import explainers, model_io, quality
+from beam_pipeline import explainers, intervals, model_io, quality, report_summary
 from beam_pipeline.errors import OptionError
 
 from conftest import IMAGE_SIZE
@@ -157,6 +157,41 @@ def test_faithfulness_option_errors(region_predictor):
         quality.deletion_insertion(region_predictor, images, maps, targets, steps=0)
     with pytest.raises(ValueError, match="match"):
         quality.deletion_insertion(region_predictor, images, maps[:1], targets)
+
+
+def test_mean_interval_is_the_student_t_interval():
+    # 1..5: mean 3, sample sd sqrt(2.5), t(0.975, 4) = 2.776445.
+    mean, low, high = intervals.mean_interval([1.0, 2.0, 3.0, np.nan, 4.0, 5.0])
+    half = 2.776445 * np.sqrt(2.5) / np.sqrt(5)
+    assert mean == pytest.approx(3.0)
+    assert (low, high) == pytest.approx((3.0 - half, 3.0 + half), rel=1e-6)
+    assert np.isnan(intervals.mean_interval([0.4])[1]) and intervals.mean_interval([0.4])[0] == 0.4
+    assert np.isnan(intervals.mean_interval([])[0])
+
+
+def test_faithfulness_intervals_per_method_and_random_reference():
+    columns = {"gradcam_deletion_auc": [0.1, None, 0.3], "gradcam_insertion_auc": [0.9, None, 0.7],
+               "random_deletion_auc": [0.5, None, 0.5], "random_insertion_auc": [0.5, None, None]}
+    out = intervals.faithfulness_intervals(columns.__getitem__, ["gradcam"])
+    deletion = out["gradcam"]["deletion_auc"]
+    assert deletion["value"] == pytest.approx(0.2) and deletion["n"] == 2
+    assert deletion["ci_low"] < 0.1 and deletion["ci_high"] > 0.3  # two values: a wide interval
+    assert out["random"]["deletion_auc"]["ci_low"] == pytest.approx(0.5)  # no spread
+    assert out["random"]["insertion_auc"] == {"value": 0.5, "ci_low": None, "ci_high": None,
+                                              "n": 1}
+    # Paired with the random map on the same examples: -0.4 and -0.2.
+    paired = out["gradcam"]["deletion_auc_minus_random"]
+    assert paired["value"] == pytest.approx(-0.3) and paired["n"] == 2
+    assert out["gradcam"]["insertion_auc_minus_random"]["n"] == 1
+
+
+def test_beating_the_random_map_needs_the_paired_interval_to_exclude_zero():
+    row = {"method": "gradcam", "deletion_auc": 0.50, "insertion_auc": 0.60}
+    reference = {"deletion_auc": 0.51, "insertion_auc": 0.59}
+    assert report_summary._beats_random(row, reference) == "both"  # point figures only
+    noise = {"deletion_auc_minus_random": {"ci_low": -0.03, "ci_high": 0.01},
+             "insertion_auc_minus_random": {"ci_low": 0.002, "ci_high": 0.02}}
+    assert report_summary._beats_random(row, reference, noise) == "insertion"
 
 
 # --------------------------------------------------------------------------- sanity check
