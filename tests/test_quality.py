@@ -7,7 +7,7 @@ import pytest
 import tf_keras
 
 from beam_pipeline import attribution_methods as am
-from beam_pipeline import explainers, intervals, model_io, quality, report_summary
+from beam_pipeline import explainers, intervals, model_io, quality, report_measures
 from beam_pipeline.errors import OptionError
 
 from conftest import IMAGE_SIZE
@@ -188,10 +188,10 @@ def test_faithfulness_intervals_per_method_and_random_reference():
 def test_beating_the_random_map_needs_the_paired_interval_to_exclude_zero():
     row = {"method": "gradcam", "deletion_auc": 0.50, "insertion_auc": 0.60}
     reference = {"deletion_auc": 0.51, "insertion_auc": 0.59}
-    assert report_summary._beats_random(row, reference) == "both"  # point figures only
+    assert report_measures._beats_random(row, reference) == "both"  # point figures only
     noise = {"deletion_auc_minus_random": {"ci_low": -0.03, "ci_high": 0.01},
              "insertion_auc_minus_random": {"ci_low": 0.002, "ci_high": 0.02}}
-    assert report_summary._beats_random(row, reference, noise) == "insertion"
+    assert report_measures._beats_random(row, reference, noise) == "insertion"
 
 
 # --------------------------------------------------------------------------- sanity check
