@@ -41,7 +41,7 @@ fashion-data:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
 example-fashion: venv fashion-data
-	$(BIN)/python -m beam_pipeline.fashion_example --output fashion_output
+	$(BIN)/python -m beam_pipeline.demo.fashion --output fashion_output
 
 bench: venv
 	$(BIN)/python bench/bench_job.py

@@ -21,7 +21,7 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["beam_pipeline", "beam_pipeline.*", "tfma_configs"]),
-    package_data={"tfma_configs": ["*.pbtxt"], "beam_pipeline": ["templates/*.j2"]},
+    package_data={"tfma_configs": ["*.pbtxt"], "beam_pipeline.report": ["templates/*.j2"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "tensorflow==2.21.*",

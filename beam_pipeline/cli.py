@@ -15,8 +15,9 @@ from typing import List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF C++ chatter drowns the progress log
 
-from . import __version__, method_registry, precision  # noqa: E402
-from .cost import DEFAULT_FAITHFULNESS_SAMPLE, DEFAULT_SANITY_SAMPLE  # noqa: E402
+from . import __version__  # noqa: E402
+from .explain import registry as method_registry, precision  # noqa: E402
+from .job.cost import DEFAULT_FAITHFULNESS_SAMPLE, DEFAULT_SANITY_SAMPLE  # noqa: E402
 from .errors import AuditError  # noqa: E402
 
 EPILOG = (
@@ -145,7 +146,7 @@ def _add_data_options(run: argparse.ArgumentParser) -> None:
 
 def _add_explain_options(run: argparse.ArgumentParser) -> None:
     """How the model is fed and which maps are computed."""
-    from .decode import PREPROCESS_MODES
+    from .io.decode import PREPROCESS_MODES
 
     run.add_argument("--preprocess", choices=PREPROCESS_MODES,
                      help="pixel scaling the model expects [unit: /255]")
@@ -191,7 +192,7 @@ def _add_gate_options(run: argparse.ArgumentParser) -> None:
 
 def _add_measure_options(run: argparse.ArgumentParser) -> None:
     """How much faithfulness, sanity and permutation importance measure."""
-    from .importance import DEFAULT_SAMPLE
+    from .measures.importance import DEFAULT_SAMPLE
 
     run.add_argument("--faithfulness-sample", type=_int_at_least(0),
                      help="about this many seeded examples get deletion/insertion AUCs per method, "
@@ -213,8 +214,8 @@ def _add_measure_options(run: argparse.ArgumentParser) -> None:
 
 def _add_safety_options(run: argparse.ArgumentParser) -> None:
     """What the audit refuses to read, load or replace unless told."""
-    from .decode import DEFAULT_MAX_IMAGE_PIXELS
-    from .sources import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT_S
+    from .io.decode import DEFAULT_MAX_IMAGE_PIXELS
+    from .io.sources import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_READ_TIMEOUT_S
 
     run.add_argument("--unsafe-deserialization", action="store_true",
                      help="load models (.keras, .h5 or SavedModel) holding Python code, e.g. "
@@ -327,7 +328,7 @@ def _configure_logging(level: str = "info") -> None:
         ours.addHandler(handler)
     ours.setLevel(level.upper())
     ours.propagate = False
-    from . import worker_logs
+    from .beam import worker_logs
 
     worker_logs.install(level)  # worker processes' lines, unpacked (multi_processing)
     if level == "debug":  # everything the libraries say, TensorFlow's C++ start-up lines too
@@ -349,7 +350,7 @@ def _request_from_args(args) -> "AuditRequest":
     dataclass's default, the one place the defaults are written."""
     from dataclasses import fields
 
-    from .job import AuditRequest
+    from .job.run import AuditRequest
 
     given = {f.name: getattr(args, f.name) for f in fields(AuditRequest)
              if getattr(args, f.name, None) is not None}
@@ -366,24 +367,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     level = _log_level(args)
     _configure_logging(level)
     if args.command in ("run", "demo") and level != "debug":
-        from .worker_logs import import_tensorflow_quietly
+        from .beam.worker_logs import import_tensorflow_quietly
 
         import_tensorflow_quietly()
     summary = "quiet" if getattr(args, "quiet", False) else "full"
     try:
         if args.command == "run":
-            from .job import run_audit
+            from .job.run import run_audit
 
             return run_audit(_request_from_args(args), beam_args, summary)
         if args.command == "report":
             if beam_args:
                 parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
-            from .report import write_report
-            from .runinfo import absolute_uri
+            from .report.render import write_report
+            from .io.runinfo import absolute_uri
 
             print(absolute_uri(write_report(args.dir)))
             return 0
-        from .demo_job import run_demo
+        from .demo.run import run_demo
 
         return run_demo(args.output, args.examples, args.seed, beam_args, pooling=args.pooling,
                         methods=args.methods, layer=args.layer, summary=summary,

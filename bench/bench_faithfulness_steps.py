@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/bench_faithfulness_steps.py [--examples 256] [--steps 16,8,4]
 
-Trains the demo CNN (``beam_pipeline.demo``, ~15 s), takes Grad-CAM maps and seeded random maps
+Trains the demo CNN (``beam_pipeline.demo.data``, ~15 s), takes Grad-CAM maps and seeded random maps
 of ``--examples`` demo scans, and computes the deletion and insertion AUCs
 (``quality.deletion_insertion``) at each step count. Printed per (map, measure, steps): the mean
 AUC with its 95% interval (``intervals.mean_interval``), the mean difference to the finest step
@@ -21,7 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from beam_pipeline import demo, explainers, intervals, model_io, quality  # noqa: E402
+from beam_pipeline.demo import data as demo  # noqa: E402
+from beam_pipeline.explain import explainers, model_io  # noqa: E402
+from beam_pipeline.measures import intervals, quality  # noqa: E402
 
 
 def main(argv=None) -> int:

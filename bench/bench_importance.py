@@ -24,7 +24,7 @@ def build_model(kind: str):
     if kind == "resnet50":
         model = keras.applications.ResNet50(weights=None, classes=2, input_shape=(224, 224, 3))
         return model, 224
-    from beam_pipeline.demo import build_demo_model
+    from beam_pipeline.demo.data import build_demo_model
 
     return build_demo_model(), 64
 
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
 
-    from beam_pipeline import explainers, importance, model_io
+    from beam_pipeline.explain import explainers, model_io
+    from beam_pipeline.measures import importance
 
     model, size = build_model(args.model)
     info = model_io.prepare_classifier(model)

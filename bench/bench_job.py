@@ -6,7 +6,7 @@
 
 What is measured (one process; each of --repeats rounds measures both):
 
-* **job**: ``beam_pipeline.job.run_audit`` in-process on the local runner, wall-clock around the
+* **job**: ``beam_pipeline.job.run.run_audit`` in-process on the local runner, wall-clock around the
   call. This is the whole job: source inspection, model loading (once on the launcher for
   validation and once in the worker's ``DoFn.setup``), tracing of the compiled function, image
   decoding, batching, Grad-CAM, mask agreement, Parquet writing and run.json.
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         help="model input size in pixels (square); default 224 for resnet50, "
                              "64 for small")
     parser.add_argument("--data", choices=("auto", "demo", "synthetic"), default="auto",
-                        help="auto: beam_pipeline.demo.make_demo_dataset if importable, else "
+                        help="auto: beam_pipeline.demo.data.make_demo_dataset if importable, else "
                              "synthetic PNGs written here")
     parser.add_argument("--source-size", type=int, default=64,
                         help="side of the synthetic PNGs (the job resizes them; default 64)")
@@ -168,12 +168,12 @@ def make_dataset(root: str, n: int, seed: int, which: str, side: int):
     """(manifest path, description)."""
     if which in ("auto", "demo"):
         try:
-            from beam_pipeline.demo import make_demo_dataset
+            from beam_pipeline.demo.data import make_demo_dataset
         except ImportError as exc:
             if which == "demo":
-                raise SystemExit(f"--data demo: beam_pipeline.demo is not importable ({exc})")
+                raise SystemExit(f"--data demo: beam_pipeline.demo.data is not importable ({exc})")
         else:
-            return make_demo_dataset(root, n, seed), "beam_pipeline.demo (64x64 gray scans + masks)"
+            return make_demo_dataset(root, n, seed), "beam_pipeline.demo.data (64x64 gray scans + masks)"
     return (make_synthetic_dataset(root, n, seed, side),
             f"synthetic ({side}x{side} RGB PNGs, no masks)")
 
@@ -189,9 +189,9 @@ def manifest_images(manifest: str):
 
 def measure_job(model_path: str, manifest: str, output: str, batch_size: int, beam_args,
                 full: bool = False):
-    from beam_pipeline.job import AuditRequest, run_audit
-    from beam_pipeline.pipeline import clear_shared_models
-    from beam_pipeline.runinfo import read_json
+    from beam_pipeline.job.run import AuditRequest, run_audit
+    from beam_pipeline.beam.pipeline import clear_shared_models
+    from beam_pipeline.io.runinfo import read_json
 
     # The Grad-CAM job (issue 2's target); --full adds TFMA and permutation importance, which do
     # work the bare function does not.
@@ -210,7 +210,8 @@ def measure_job(model_path: str, manifest: str, output: str, batch_size: int, be
 
 
 def measure_bare(model_path: str, images, batch_size: int):
-    from beam_pipeline import decode, explainers, model_io
+    from beam_pipeline.io import decode
+    from beam_pipeline.explain import explainers, model_io
 
     start = time.perf_counter()
     model = model_io.load_model(model_path)

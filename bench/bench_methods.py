@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from beam_pipeline import attribution_methods as am
-    from beam_pipeline import explainers, layer_sweep, model_io
+    from beam_pipeline.explain import attribution_methods as am
+    from beam_pipeline.explain import explainers, layer_sweep, model_io
 
     model, size = _model(args.model)
     info = model_io.prepare_classifier(model)

@@ -50,7 +50,7 @@ def _outputs(method, images, targets, batch_size: int) -> dict:
 
 
 def measure(kind: str, examples: int, batch_size: int, rounds: int) -> dict:
-    from beam_pipeline import explainers, model_io, precision
+    from beam_pipeline.explain import explainers, model_io, precision
 
     model = _model(kind)
     info = model_io.prepare_classifier(model)

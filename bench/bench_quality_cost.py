@@ -34,7 +34,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 import bench_job  # noqa: E402
-from beam_pipeline import cost, explainers, model_io, quality  # noqa: E402
+from beam_pipeline.job import cost  # noqa: E402
+from beam_pipeline.explain import explainers, model_io  # noqa: E402
+from beam_pipeline.measures import quality  # noqa: E402
 
 
 def timed(call):

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipeline import attention, cli, importance
+from beam_pipeline.measures import attention, importance
+from beam_pipeline import cli
 from conftest import write_png
 
 SIZE = 16  # a 4x4 grid of 4x4-pixel patches

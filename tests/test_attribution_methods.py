@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_pipeline import attribution_methods as am
-from beam_pipeline import explainers, model_io
+from beam_pipeline.explain import attribution_methods as am
+from beam_pipeline.explain import explainers, model_io
 from beam_pipeline.errors import OptionError
 
 from conftest import IMAGE_SIZE, conv_activations, gap_model
@@ -385,7 +385,7 @@ def test_pool_map_averages_down_and_leaves_small_maps():
 
 
 def test_cam_applies_to_the_average_pooling_demo_model_only():
-    from beam_pipeline import demo
+    from beam_pipeline.demo import data as demo
 
     feature_name, _, dense = am.cam_layers(demo.build_demo_model("average"))
     assert (feature_name, dense.name) == ("conv4", "predictions")

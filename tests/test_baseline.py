@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from beam_pipeline import baseline, metric_rules
+from beam_pipeline.evaluation import baseline, metric_rules
 
 
 def _binary(scores):
@@ -89,7 +89,7 @@ def _strict(text):
 
 
 def test_json_outputs_are_strict(tmp_path):
-    from beam_pipeline import outputs
+    from beam_pipeline.io import outputs
 
     path = tmp_path / "x.json"
     outputs.write_json_atomic(str(path), {"a": float("nan"), "b": [float("inf"), 1.5],

@@ -136,8 +136,8 @@ def test_run_defaults_are_written_once_in_the_request():
     import re
     from dataclasses import MISSING, fields
 
-    from beam_pipeline import method_registry
-    from beam_pipeline.job import AuditRequest
+    from beam_pipeline.explain import registry as method_registry
+    from beam_pipeline.job.run import AuditRequest
 
     actions = _run_actions()
     args, _ = cli.build_parser().parse_known_args(

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from beam_pipeline import cost, quality
+from beam_pipeline.job import cost
+from beam_pipeline.measures import quality
 
 OPTIONS = {"smoothgrad_samples": 16, "ig_steps": 64}
 

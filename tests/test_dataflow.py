@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from beam_pipeline import cli, job, pipeline
+from beam_pipeline import cli
+from beam_pipeline.job import run as job
+from beam_pipeline.beam import pipeline
 from conftest import IMAGE_SIZE, LogLines, make_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

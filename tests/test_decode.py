@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_pipeline import decode
+from beam_pipeline.io import decode
 from beam_pipeline.errors import ExampleError, OptionError
 
 

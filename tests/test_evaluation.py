@@ -14,7 +14,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from google.protobuf import text_format
 from tensorflow_model_analysis.proto import config_pb2
 
-from beam_pipeline import cli, evaluation
+from beam_pipeline import cli
+from beam_pipeline.evaluation import transform as evaluation
 from beam_pipeline.errors import OptionError
 from conftest import IMAGE_SIZE, gap_model, write_png
 

@@ -1,9 +1,9 @@
-"""One batch → rows as plain functions (``beam_pipeline.explain_batch``): fake explainers and a
+"""One batch → rows as plain functions (``beam_pipeline.explain.explain_batch``): fake explainers and a
 fake predictor, no Beam, no model."""
 import numpy as np
 
-from beam_pipeline import explain_batch, explainers, layer_sweep
-from beam_pipeline.records import DecodedExample
+from beam_pipeline.explain import explain_batch, explainers, layer_sweep
+from beam_pipeline.io.records import DecodedExample
 
 SETTINGS = explain_batch.RowSettings(layer="conv", map_size=4, faithfulness=False,
                                      has_masks=False, region_grid=None)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipeline import fashion_example
+from beam_pipeline.demo import fashion as fashion_example
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(os.path.join(fashion_example.DATA_DIR, "t10k-labels-idx1-ubyte.gz")),

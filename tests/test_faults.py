@@ -485,7 +485,7 @@ def test_empty_label_with_target_label_is_no_label_for_target(tmp_path, rng, mod
 
 
 def test_a_record_header_claiming_a_terabyte_ends_the_file_as_truncated(tmp_path):
-    from beam_pipeline import sources
+    from beam_pipeline.io import sources
 
     length = struct.pack("<Q", 1 << 40)  # 1 TB, with a valid CRC: only the read can tell
     path = tmp_path / "huge.tfrecord"

@@ -12,8 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from matplotlib.collections import LineCollection, PathCollection
 
-from beam_pipeline import demo_job, quality, report_plots, report_summary, report_text
-from beam_pipeline.schemas import SANITY_SCHEMA
+from beam_pipeline.demo import run as demo_job
+from beam_pipeline.measures import quality
+from beam_pipeline.report import (plots as report_plots, summary as report_summary,
+    text as report_text)
+from beam_pipeline.io.schemas import SANITY_SCHEMA
 from conftest import IMAGE_SIZE, write_png
 from helpers import read_outputs, run_cli
 from test_quality import checker_images, predictor, quadrant_map, region_model

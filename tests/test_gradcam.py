@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tf_keras
 
-from beam_pipeline import explainers, model_io
+from beam_pipeline.explain import explainers, model_io
 from beam_pipeline.errors import ModelLoadError, OptionError
 
 from conftest import IMAGE_SIZE, conv_activations, gap_model

@@ -5,7 +5,8 @@ a 1,000,000-row manifest measured 684,770 bytes: README, "Scale on Dataflow".)""
 import csv
 import os
 
-from beam_pipeline import job, pipeline
+from beam_pipeline.job import run as job
+from beam_pipeline.beam import pipeline
 from conftest import gap_model
 from test_dataflow import DATAFLOW_ARGS, GRAPH_LIMIT, unpickled_corpus
 

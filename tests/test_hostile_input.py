@@ -21,7 +21,9 @@ from conftest import png_bytes, random_image, write_png
 from test_faults import AUDITED, assert_outcomes, err
 from test_job import read_outputs, run_cli
 
-from beam_pipeline import evaluation, report_text, sources
+from beam_pipeline.evaluation import transform as evaluation
+from beam_pipeline.report import text as report_text
+from beam_pipeline.io import sources
 from beam_pipeline.errors import DataSourceError, ExampleError, OptionError
 
 QUICK = ["--tfma-config", "none", "--permutation-features", "none",

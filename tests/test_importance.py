@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipeline import cli, decode, importance, quality
+from beam_pipeline import cli
+from beam_pipeline.io import decode
+from beam_pipeline.measures import importance, quality
 from conftest import LogLines, write_png
 
 SIZE = 16  # a 4x4 grid of 4x4-pixel patches

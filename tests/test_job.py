@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from beam_pipeline import cli, decode
+from beam_pipeline import cli
+from beam_pipeline.io import decode
 from conftest import IMAGE_SIZE, conv_activations, gap_model, make_manifest, png_bytes, random_image
 from helpers import BASE_COLUMNS, MASK_COLUMNS, assert_accounting, read_outputs, run_cli  # noqa: F401
 

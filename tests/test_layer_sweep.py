@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from beam_pipeline import explainers, layer_sweep, model_io
+from beam_pipeline.explain import explainers, layer_sweep, model_io
 
 from conftest import IMAGE_SIZE, gap_model
 

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from beam_pipeline import evaluation, importance, limits
+from beam_pipeline.evaluation import transform as evaluation
+from beam_pipeline.measures import importance
+from beam_pipeline.io import limits
 from beam_pipeline.errors import OptionError
 from test_job import read_outputs, run_cli
 

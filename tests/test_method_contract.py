@@ -6,8 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from beam_pipeline import attribution_methods as am
-from beam_pipeline import cli, explainers, layer_sweep, method_registry, model_io, schemas
+from beam_pipeline.explain import attribution_methods as am
+from beam_pipeline import cli
+from beam_pipeline.explain import explainers, layer_sweep, registry as method_registry, model_io
+from beam_pipeline.io import schemas
 from beam_pipeline.errors import OptionError
 
 from conftest import IMAGE_SIZE, gap_model
@@ -109,7 +111,7 @@ def test_a_bad_method_option_stops_the_run_before_anything_is_staged(tmp_path, c
     assert usage.value.code == 2 and "--ig-steps" in err and "Traceback" not in err
     assert not out.exists()
     # A caller building the request directly meets the same bound when the job is planned.
-    from beam_pipeline import job
+    from beam_pipeline.job import run as job
     from beam_pipeline.errors import OptionError
 
     request = job.AuditRequest(model=str(saved_model), data=str(folder_dataset), output=str(out),

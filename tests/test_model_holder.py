@@ -1,4 +1,4 @@
-"""The worker's one model holder (``beam_pipeline.model_holder``): shared per process through
+"""The worker's one model holder (``beam_pipeline.beam.model_holder``): shared per process through
 ``apache_beam.utils.shared.Shared``, and the layer hooks its explainers add are removed when it
 goes, leaving the model as it was loaded."""
 import gc
@@ -6,7 +6,9 @@ import os
 
 from apache_beam.utils import shared
 
-from beam_pipeline import job, model_holder, model_io
+from beam_pipeline.job import run as job
+from beam_pipeline.beam import model_holder
+from beam_pipeline.explain import model_io
 
 
 def _plan(saved_model, folder_dataset, tmp_path, **options):

@@ -10,7 +10,7 @@ import textwrap
 import keras
 import pytest
 
-from beam_pipeline import model_io
+from beam_pipeline.explain import model_io
 from beam_pipeline.errors import ModelLoadError
 from conftest import IMAGE_SIZE
 

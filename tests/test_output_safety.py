@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 import testfs
-from beam_pipeline import cli, outputs
+from beam_pipeline import cli
+from beam_pipeline.io import outputs
 from conftest import gap_model, make_manifest
 from helpers import assert_accounting, read_outputs
 

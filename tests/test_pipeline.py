@@ -3,7 +3,8 @@ lines: test_terminal.py)."""
 import apache_beam as beam
 import keras
 
-from beam_pipeline import job, pipeline
+from beam_pipeline.job import run as job
+from beam_pipeline.beam import pipeline
 from conftest import IMAGE_SIZE, gap_model
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tf_keras
 
-from beam_pipeline import (attribution_methods, explainers, job, model_holder, model_io, pipeline,
-                           precision)
+from beam_pipeline.explain import attribution_methods, explainers, model_io, precision
+from beam_pipeline.job import run as job
+from beam_pipeline.beam import model_holder, pipeline
 from beam_pipeline.errors import UsageError
 
 from conftest import IMAGE_SIZE, LogLines, gap_model

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import tf_keras
 
-from beam_pipeline import attribution_methods as am
-from beam_pipeline import explainers, intervals, model_io, quality, report_measures
+from beam_pipeline.explain import attribution_methods as am
+from beam_pipeline.explain import explainers, model_io
+from beam_pipeline.measures import intervals, quality
+from beam_pipeline.report import measures as report_measures
 from beam_pipeline.errors import OptionError
 
 from conftest import IMAGE_SIZE

@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from beam_pipeline import (cli, report, report_gallery, report_glossary, report_summary,
-                           report_text, runinfo)
-from beam_pipeline.schemas import (ERROR_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
+from beam_pipeline import cli
+from beam_pipeline.report import (render as report, gallery as report_gallery,
+    glossary as report_glossary, summary as report_summary, text as report_text)
+from beam_pipeline.io import runinfo
+from beam_pipeline.io.schemas import (ERROR_SCHEMA, IMPORTANCE_SUMMARY_SCHEMA, SANITY_SCHEMA,
                                    attribution_schema)
 
 MAP_SIDE = 8

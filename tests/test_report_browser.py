@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_pipeline import cli, job, report
+from beam_pipeline import cli
+from beam_pipeline.job import run as job
+from beam_pipeline.report import render as report
 from conftest import gap_model, make_manifest
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,9 +1,9 @@
-"""Row building as plain functions over arrays (``beam_pipeline.rows``): hand-made explainer
+"""Row building as plain functions over arrays (``beam_pipeline.explain.rows``): hand-made explainer
 outputs in, rows out; no model, no Beam."""
 import numpy as np
 
-from beam_pipeline import explainers, rows
-from beam_pipeline.records import DecodedExample
+from beam_pipeline.explain import explainers, rows
+from beam_pipeline.io.records import DecodedExample
 
 
 def _example(i, label=1, mask=None):

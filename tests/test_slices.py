@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from beam_pipeline import sources
+from beam_pipeline.io import sources
 from beam_pipeline.errors import OptionError
 from conftest import LogLines, gap_model, make_manifest
 from helpers import read_outputs, run_cli

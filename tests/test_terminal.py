@@ -11,7 +11,9 @@ import sys
 
 import pandas as pd
 
-from beam_pipeline import cli, progress, terminal_summary, worker_logs
+from beam_pipeline import cli
+from beam_pipeline.beam import progress, worker_logs
+from beam_pipeline.report import terminal as terminal_summary
 from conftest import LogLines, make_manifest
 
 

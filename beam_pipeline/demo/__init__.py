@@ -1,0 +1,3 @@
+"""The synthetic demo (dataset, model, story: ``data``, ``run``) and the Fashion-MNIST
+real-data example (``fashion``).
+"""

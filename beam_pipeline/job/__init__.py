@@ -1,0 +1,3 @@
+"""The job: plan (validate everything before anything is written), run the pipeline, count,
+gate, write run.json; ``cost`` estimates the passes per stage up front.
+"""
