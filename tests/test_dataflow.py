@@ -144,7 +144,8 @@ def test_setup_file_builds_an_sdist_with_the_tfma_configs(tmp_path, rng, saved_m
     assert "workflow.tar.gz" in staged
     with tarfile.open(staged["workflow.tar.gz"]) as sdist:
         names = sdist.getnames()
-    for needed in ("setup.py", "beam_pipeline/job.py", "beam_pipeline/pipeline.py",
+    for needed in ("setup.py", "beam_pipeline/job/run.py", "beam_pipeline/beam/pipeline.py",
+                   "beam_pipeline/report/templates/report.html.j2",
                    "tfma_configs/binary.pbtxt", "tfma_configs/multiclass.pbtxt"):
         assert any(n.endswith("/" + needed) for n in names), needed
     assert no_network == []

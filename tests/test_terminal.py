@@ -230,7 +230,7 @@ def test_worker_log_lines_are_unpacked_and_beam_notices_dropped():
     quiet = worker_logs.WorkerLogFilter()
     try:
         ours = _relayed(logging.INFO, 'Explain: started (20 examples to go "on" this worker).',
-                        "/x/beam_pipeline/progress.py:70")
+                        "/x/beam_pipeline/beam/progress.py:70")
         notice = _relayed(logging.WARNING, "No semi_persistent_directory found: ...",
                           "/x/apache_beam/runners/worker/sdk_worker_main.py:1")
         chatter = _relayed(logging.INFO, "Creating state cache", "/x/apache_beam/a.py:3")
