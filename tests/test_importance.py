@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from beam_pipeline import cli
+from beam_pipeline.job import cost
 from beam_pipeline.io import decode
 from beam_pipeline.measures import importance, quality
 from conftest import LogLines, write_png
@@ -80,7 +81,8 @@ def test_the_one_patch_the_model_reads_ranks_first(tmp_path, patch_data):
     # The up-front estimate: 40 examples (fewer than the default sample), 1 + 16 × 3 passes each.
     estimate = run["cost"]["estimate"]
     assert estimate["importance"] == {"examples": 40, "forward": 40 * 49, "backward": 0}
-    assert estimate["explain"]["forward"] == 40 and estimate["faithfulness"]["examples"] == 40
+    assert estimate["explain"]["forward"] == 40
+    assert estimate["faithfulness"]["examples"] == min(40, cost.DEFAULT_FAITHFULNESS_SAMPLE)
     assert ("Cost estimate, importance: 1,960 forward and 0 backward image passes on 40 "
             "examples.") in log.lines
     busy = run["cost"]["stage_busy_s"]
