@@ -115,7 +115,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
                              "messages; warning shows problems only [info]")
 
 
-# The run options' defaults are AuditRequest's (job.py), the one place they are written: the
+# The run options' defaults are AuditRequest's (job/plan.py), the one place they are written: the
 # parser leaves an option it was not given at None and _request_from_args lets the dataclass
 # fill it in. (Reading the dataclass here would import TensorFlow for `xai-audit --help` and
 # `xai-audit report`.) The [default] in each help text is checked against it by a test.

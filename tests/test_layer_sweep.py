@@ -19,7 +19,10 @@ def _images(n=5, seed=0, shape=SHAPE):
 
 
 def _nested():
-    """A Functional backbone (3 convs and a pooling) inside a Sequential with GAP → Dense."""
+    """A Functional backbone (3 convs and a pooling) inside a Sequential with GAP → Dense.
+    Seeded: with unseeded weights a layer's Grad-CAM can be all zeros (every weighted sum
+    negative before the ReLU), and the map comparisons below would compare zeros."""
+    keras.utils.set_random_seed(3)
     base_in = keras.Input(SHAPE)
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")(base_in)
     x = keras.layers.MaxPooling2D(2, name="pool")(x)

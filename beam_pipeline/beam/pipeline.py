@@ -1,7 +1,7 @@
 """The audit's Beam graph: enumerate → one per id → decode → batch → explain → write Parquet,
 with the sanity check, permutation importance, TFMA and the attention table beside it.
 
-This module only wires transforms together. The DoFns are in ``beam_stages`` (main path, sanity
+This module only wires transforms together. The DoFns are in ``stages`` (main path, sanity
 check) and ``importance_stage``; what they compute is in plain functions (``explain_batch``,
 ``rows``, ``quality``, ``importance``); the model is loaded once per worker by ``model_holder``
 (a ``Shared`` handle travels in the graph, never the model). Every example leaves as exactly one

@@ -1,4 +1,4 @@
-"""The ``demo`` command: make the synthetic data and model (``demo``), audit them with the real
+"""The ``demo`` command: make the synthetic data and model (``demo.data``), audit them with the real
 job, and print where the outputs are with a per-site table a reviewer reads in a minute."""
 import json
 import logging

@@ -1,12 +1,12 @@
 """One rule for slice metrics that mean nothing on a slice, used by the gates (evaluation), run.json
-(job) and the report (report_summary): a metric there is shown as n/a (``null`` in JSON), left out
+(job.run) and the report (report.summary): a metric there is shown as n/a (``null`` in JSON), left out
 of best-worst gaps and never gated.
 
 * *undefined*: a ranking metric (AUC, AUC-PR, any ``*auc*``) on a slice that holds one class only
   (no positive or no negative example for the class it ranks), and recall on a slice with no
   positive example. TFMA writes 0 there. The class shares come from the attributions' labels
   when known, else from TFMA's ``mean_label`` (``mean_label[classId:k]`` per class), which the
-  job adds to every EvalConfig that needs it (``evaluation.complete_eval_config``).
+  job adds to every EvalConfig that needs it (``evaluation.tfma_config.complete_eval_config``).
 * *trivial*: quality metrics on ``prediction_correct=*`` slices (precision, recall, accuracy,
   AUC...): the slice is cut by the model's own decision, so they are 1 or 0 by construction.
   Counts, label/prediction means and calibration still describe such a slice.

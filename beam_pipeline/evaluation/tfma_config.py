@@ -13,7 +13,7 @@ from ..io.limits import MAX_PER_CLASS_METRICS
 from .metric_rules import ATTENTION_ON_MASK, ATTENTION_REGION, DERIVED_SLICES, PREDICTION_CORRECT
 
 LABEL, SCORE, PROBABILITIES = "label", "score", "probabilities"
-# The feature keys the job gives TFMA (evaluation.tfma_features): a data column of one of these
+# The feature keys the job gives TFMA (evaluation.transform.tfma_features): a data column of one of these
 # names would silently replace the model's score or a derived slice.
 TFMA_FEATURE_KEYS = (LABEL, SCORE, PROBABILITIES, *DERIVED_SLICES)
 

@@ -12,7 +12,7 @@ the job already computed (no second model pass, no ``eval_shared_model``).
 
 What lives where: the config in ``tfma_config``, the results and gates in ``tfma_gates``, the
 slice names, lift and the one-class rule in ``metric_rules``; this module feeds TFMA and keeps
-the names the job and the tests import from ``evaluation``.
+the names the job and the tests import from ``evaluation.transform``.
 """
 from typing import List, Optional, Sequence
 

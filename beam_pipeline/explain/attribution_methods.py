@@ -392,7 +392,7 @@ ALL_METHODS = method_registry.NAMES
 def make_method(name: str, classifier: Classifier, input_shape: Sequence[int], gradcam_layer,
                 options: dict) -> Attribution:
     """The explainer ``--methods`` names, configured from the run's ``options`` (keys of
-    ``method_registry.OPTIONS`` and ``seed``; missing ones take their defaults).
+    ``registry.OPTIONS`` and ``seed``; missing ones take their defaults).
     ``gradcam_layer`` is (qualified name, layer) for the methods at the ``--layer`` map."""
     record = method_registry.get(name)
     kwargs = method_registry.constructor_args(name, options)

@@ -1,6 +1,6 @@
 """One batch of decoded examples → attribution rows and error rows: plain functions over arrays.
 
-The explain DoFn (``beam_stages.ExplainBatches``) only tags what these return, counts and logs;
+The explain DoFn (``beam.stages.ExplainBatches``) only tags what these return, counts and logs;
 tests call them with fake explainers (any ``(images, targets) → {"probabilities",
 "target_class", "maps", ...}`` callable) and a fake predictor, in milliseconds.
 

@@ -226,7 +226,7 @@ class GradCAM(Attribution):
     name = "gradcam"
 
     def __init__(self, classifier: Classifier, layer, layer_name: str, input_shape: Sequence[int],
-                 activation: str = "relu"):  # method_registry's gradcam_activation default
+                 activation: str = "relu"):  # registry's gradcam_activation default
         self.layer_name = layer_name
         self.activation = gradcam_activation(activation)
         self.capture = LayerCapture(layer)

@@ -13,8 +13,8 @@ A ``Method`` says everything the rest of the code needs to know about one ``--me
 * ``display_name`` and ``note`` for the report.
 
 Readers: ``attribution_methods.make_method`` (the factory), ``schemas.attribution_schema`` and
-``pipeline.ExplainBatches`` (the columns), ``report_summary``/``report_text`` (names, notes),
-``cli`` (help, flags, defaults), ``job`` (defaults, planning-time validation).
+``beam.stages.ExplainBatches`` (the columns), ``report.summary``/``report.text`` (names,
+notes), ``cli`` (help, flags, defaults), ``job.plan`` (defaults, planning-time validation).
 
 To add a method: write its class (an ``explainers.Attribution`` subclass: ``_explain(images,
 targets)`` → probabilities, target_class, maps), add a ``Method`` to ``METHODS`` and, if it has

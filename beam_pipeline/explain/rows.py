@@ -1,12 +1,12 @@
 """Attribution rows from the explainers' outputs: plain functions over arrays, no Beam.
 
-``explain_batch`` calls them for ``beam_stages.ExplainBatches``, which only tags, counts and
+``explain_batch`` calls them for ``beam.stages.ExplainBatches``, which only tags, counts and
 logs; tests call them with hand-made outputs (``{"probabilities", "target_class", "maps", ...}``
 per method, as ``explainers.Attribution`` returns) in milliseconds.
 
 * ``explain_targets``: the class each example's maps explain, from ``--target``;
 * ``method_columns``: one method's columns per example (map, shape, layer, extra columns from its
-  ``method_registry`` record, faithfulness, mask agreement);
+  ``registry`` record, faithfulness, mask agreement);
 * ``attribution_rows``: one row per example, or an error row when the model's outputs are not
   finite.
 """

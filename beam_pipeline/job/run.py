@@ -39,7 +39,7 @@ def run_audit(req: AuditRequest, beam_args: Sequence[str], summary: str = "full"
 
     Outputs are written into a staging folder and promoted to their final names after the
     pipeline, run.json last (``outputs``); a ``--dry_run`` stops after translating the job.
-    ``summary``: what is printed on stdout at the end (``terminal_summary``): ``full``,
+    ``summary``: what is printed on stdout at the end (``report.terminal``): ``full``,
     ``quiet`` (the verdict and the report path) or ``none`` (the caller prints it).
     """
     started = runinfo.now_iso()

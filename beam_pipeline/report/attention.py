@@ -7,7 +7,7 @@
 * ``importance_by_slice``: per slice value, the patch importances of the report's metric
   (importance_by_slice.parquet), kept when they differ from the overall figures.
 
-Plain Python over the run's files; the pictures are drawn by ``report_plots``.
+Plain Python over the run's files; the pictures are drawn by ``report.plots``.
 """
 from typing import Dict, List, Optional, Sequence
 

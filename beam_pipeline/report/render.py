@@ -4,14 +4,14 @@ in DIR without recomputing anything (DESIGN.md, "Output folder").
 
 Three steps:
 
-* ``gather_summary(output)`` (figures in ``report_summary``, words in ``report_text``) reads
+* ``gather_summary(output)`` (figures in ``summary``, words in ``text``) reads
   run.json, then streams the attribution rows once (only the
   small columns: labels, predictions, slice values, per-method localization and faithfulness
   figures), and reads importance_summary / layer_sweep / sanity / errors; it returns one plain
   dict (written as summary.json). Gallery candidates are chosen during the same pass with bounded
   heaps, so memory does not grow with the run.
-* ``render_pictures`` draws the charts and the gallery thumbnails (``report_plots``,
-  ``report_gallery``): only the chosen examples' maps and images are read.
+* ``render_pictures`` draws the charts and the gallery thumbnails (``plots``,
+  ``gallery``): only the chosen examples' maps and images are read.
 * ``render_html`` fills ``templates/report.html.j2`` with Jinja2, autoescaping on: slice values,
   class names, ids and paths are user data.
 

@@ -7,10 +7,10 @@ localization, layer sweep, importance, faithfulness, sanity). Plain Python, no r
 Only the small columns of the attribution files are read (Parquet column projection), batch by
 batch: memory does not grow with the number of examples.
 
-What lives where: the pass over the rows in ``report_scan``, the TFMA tables in
-``report_metrics``, the verdict in ``report_verdict``, localization / faithfulness / sanity /
-sweep / importance in ``report_measures``. This module has the run's identity and accounting and
-keeps the names the report, the terminal summary and the tests import from ``report_summary``.
+What lives where: the pass over the rows in ``scan``, the TFMA tables in ``metrics``, the
+verdict in ``verdict``, localization / faithfulness / sanity / sweep / importance in
+``measures``. This module has the run's identity and accounting and
+keeps the names the report, the terminal summary and the tests import from ``report.summary``.
 """
 from typing import Dict
 

@@ -4,7 +4,7 @@
 report went: the verdict with the exit code, each failed gate's sentence, the overall metrics,
 the worst slice of every slice column, errors by type, and the absolute report path; about 20
 lines, so it reads without scrolling. ``quiet`` keeps the verdict line and the path only.
-The figures come from the same helpers as the report (``report_summary``), so the terminal and
+The figures come from the same helpers as the report (``report.summary``), so the terminal and
 the report never disagree on a gate sentence or on which slice is worst.
 """
 from typing import List, Optional
@@ -100,7 +100,7 @@ def _metric_lines(run: dict) -> List[str]:
         known = [v for v in values if v is not None]
         if len(known) < 2:
             continue  # one slice, or none with a defined value: nothing is worst
-        row = group["slices"][0]  # worst first (report_summary.metrics_summary)
+        row = group["slices"][0]  # worst first (report.metrics.metrics_summary)
         if min(known) == max(known):
             worst.append(f"  {group['column']}: every slice at {primary} {_number(known[0])}")
             continue
