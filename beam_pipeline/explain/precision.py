@@ -62,24 +62,9 @@ def check(value: str) -> None:
 
 def bfloat16_classifier(model):
     """(copy, ClassifierInfo): ``model`` (prepared or not) rebuilt under ``mixed_bfloat16``."""
-    from . import model_io
-    from ..measures.quality import _keras_library
+    from ..measures.quality import cloned_classifier
 
-    library = _keras_library(model)
-
-    def clone_layer(layer):
-        if model_io._is_model(layer):
-            return library.models.clone_model(layer, clone_function=clone_layer)
-        config = layer.get_config()
-        if getattr(layer, "activation", None) is model_io._linear:
-            config["activation"] = "linear"  # prepare_classifier's head: switched again below
-        if type(layer).__name__ != "InputLayer":
-            config["dtype"] = POLICY
-        return layer.__class__.from_config(config)
-
-    copy = library.models.clone_model(model, clone_function=clone_layer)
-    copy.set_weights(model.get_weights())  # the variables stay float32 under the policy
-    return copy, model_io.prepare_classifier(copy)
+    return cloned_classifier(model, POLICY)
 
 
 _BFLOAT16: Dict[tuple, tuple] = {}

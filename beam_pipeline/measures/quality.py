@@ -287,9 +287,10 @@ def rank_correlations(maps_a: np.ndarray, maps_b: np.ndarray) -> np.ndarray:
     return out
 
 
-def classifier_copy(model) -> Tuple[object, Classifier]:
-    """(copy, Classifier of the copy): same architecture and weights, new variables, head
-    switched to logits. Works for Keras 3 and tf_keras, nested models, and models whose head
+def cloned_classifier(model, dtype_policy: Optional[str] = None):
+    """(copy, ClassifierInfo): same architecture and weights, new variables, head switched to
+    logits; every layer but the input under ``dtype_policy`` when given (the variables stay
+    float32). Works for Keras 3 and tf_keras, nested models, and models whose head
     ``model_io.prepare_classifier`` already switched (their ``_linear`` is not serializable)."""
     library = _keras_library(model)
 
@@ -298,12 +299,19 @@ def classifier_copy(model) -> Tuple[object, Classifier]:
             return library.models.clone_model(layer, clone_function=clone_layer)
         config = layer.get_config()
         if getattr(layer, "activation", None) is model_io._linear:
-            config["activation"] = "linear"
+            config["activation"] = "linear"  # prepare_classifier switches the copy's head again
+        if dtype_policy and type(layer).__name__ != "InputLayer":
+            config["dtype"] = dtype_policy
         return layer.__class__.from_config(config)
 
     copy = library.models.clone_model(model, clone_function=clone_layer)
     copy.set_weights(model.get_weights())
-    info = model_io.prepare_classifier(copy)
+    return copy, model_io.prepare_classifier(copy)
+
+
+def classifier_copy(model) -> Tuple[object, Classifier]:
+    """(copy, Classifier of the copy): ``cloned_classifier`` in float32."""
+    copy, info = cloned_classifier(model)
     return copy, Classifier(copy, info.head)
 
 
